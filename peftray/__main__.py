@@ -1,0 +1,3 @@
+from peftray.cli import main
+
+raise SystemExit(main())

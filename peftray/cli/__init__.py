@@ -1,0 +1,52 @@
+"""`peftray ...`: the command line. Thin: parse, call the library, print.
+
+Each command group lives in its own small module here and registers its subcommands; modules are
+imported only when their group runs, so `peftray --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from peftray.errors import PeftrayError
+
+# command group -> (module under peftray.cli, one-line help)
+GROUPS: dict[str, tuple[str, str]] = {
+    "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
+    "make-tiny-model": ("models", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftray", description="Parameter-efficient fine-tuning jobs on Ray.")
+    parser.add_argument("--state-dir", help="local stack state folder (default: $PEFTRAY_STATE_DIR or ./.peftray)")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND")
+    for name, (module, help_text) in GROUPS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only == name:  # import only the group that runs: `peftray --help` stays fast
+            importlib.import_module(f"peftray.cli.{module}").register(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    group = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=group if group in GROUPS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PeftrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
