@@ -37,10 +37,10 @@ def stack(tmp_path_factory):
     from peftray.config import load_config
 
     state_dir = tmp_path_factory.mktemp("stack")
-    opts = local_stack.Options(state_dir=state_dir, ray_num_cpus=int(os.environ.get("PEFTRAY_TEST_RAY_CPUS", "8")))
+    opts = local_stack.Options(state_dir=state_dir, ray_num_cpus=int(os.environ.get("PEFTRAY_TEST_RAY_CPUS", "8")),
+                               ray_object_store_mb=512)
     local_stack.up(opts)
     saved = dict(os.environ)
-    cfg = load_config(state_dir)
     os.environ["PEFTRAY_STATE_DIR"] = str(state_dir)
     os.environ["PEFTRAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     cfg = load_config(state_dir)

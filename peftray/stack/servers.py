@@ -27,6 +27,7 @@ class Options:
     state_dir: Path
     db_url: str | None = None  # MLflow backend store; None = SQLite in the state folder
     ray_num_cpus: int | None = None
+    ray_object_store_mb: int | None = None  # None = Ray's default (30% of memory)
     ray_redis_address: str | None = None  # external Redis for GCS fault tolerance
     ray_redis_namespace: str | None = None
     ports: dict[str, int] | None = None  # explicit ports (tests of a busy port); else free ones
@@ -174,6 +175,8 @@ def start_ray(opts: Options, ports: dict[str, int], token_path: Path, env_extra:
     ]
     if opts.ray_num_cpus is not None:
         cmd.append(f"--num-cpus={opts.ray_num_cpus}")
+    if opts.ray_object_store_mb:
+        cmd.append(f"--object-store-memory={opts.ray_object_store_mb * 1024 * 1024}")
     if opts.ray_redis_address:
         # GCS fault tolerance: the head's state survives a restart in this external Redis.
         cmd.append(f"--system-config={json.dumps({'external_storage_namespace': opts.ray_redis_namespace or 'peftray'})}")
