@@ -53,3 +53,24 @@ class StackError(PeftrayError, RuntimeError):
     """The local stack could not be started, checked or stopped."""
 
     code = "stack_error"
+
+
+class AuthError(PeftrayError):
+    """A missing, malformed or unknown API token."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenError(PeftrayError):
+    """A valid token that may not do this (another user's job, an admin-only action)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class ConflictError(PeftrayError):
+    """A request that clashes with the current state (a reused idempotency key, cancelling a finished job)."""
+
+    code = "conflict"
+    http_status = 409
