@@ -78,10 +78,15 @@ def status(state_dir: str | Path | None = None) -> StackStatus:
 
 
 def _credentials(old: dict) -> dict[str, str]:
+    """The stack's credentials: made once, then kept (the data in the state folder is tied to them)."""
     ep = old.get("endpoints", {})
-    if ep.get("aws_access_key_id"):
-        return {k: ep[k] for k in ("aws_access_key_id", "aws_secret_access_key")}
-    return {"aws_access_key_id": "peftray" + secrets.token_hex(6), "aws_secret_access_key": secrets.token_urlsafe(30)}
+    fresh = {
+        "aws_access_key_id": "peftray" + secrets.token_hex(6),
+        "aws_secret_access_key": secrets.token_urlsafe(30),
+        "mlflow_username": "peftray-admin",
+        "mlflow_password": secrets.token_urlsafe(24),
+    }
+    return {k: ep.get(k) or v for k, v in fresh.items()}
 
 
 def _token_file(path: Path) -> Path:
@@ -132,8 +137,12 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
         endpoint = f"http://127.0.0.1:{ports['s3']}"
         mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
         dashboard = f"http://127.0.0.1:{ports['ray_dashboard']}"
-        ray_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": mlflow_url, **{
-            k.upper(): v for k, v in creds.items()}, "AWS_DEFAULT_REGION": "us-east-1"}
+        # Jobs on the Ray head reach S3 and MLflow without being told (the service adds them explicitly too).
+        ray_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": mlflow_url,
+                   "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
+                   "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],
+                   "MLFLOW_TRACKING_USERNAME": creds["mlflow_username"],
+                   "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"], "AWS_DEFAULT_REGION": "us-east-1"}
         started: dict[str, Proc] = {}
         t0 = time.monotonic()
         try:

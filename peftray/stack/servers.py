@@ -116,7 +116,23 @@ def wait_weed(proc: Proc, endpoint: str, creds: dict[str, str], bucket: str) -> 
 
 # ---------------------------------------------------------------- MLflow
 
+def _mlflow_auth_config(sdir: Path, creds: dict[str, str]) -> Path:
+    """MLflow's basic-auth app: every API call needs the admin user (or a user it creates)."""
+    ini = sdir / "auth.ini"
+    with open(os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{sdir / 'auth.db'}\n"
+            f"admin_username = {creds['mlflow_username']}\n"
+            f"admin_password = {creds['mlflow_password']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+    return ini
+
+
 def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: str, port: int) -> Proc:
+    """MLflow tracking server + registry with basic auth; artifacts proxied to s3://<bucket>/mlflow-artifacts."""
     sdir = opts.state_dir / "mlflow"
     sdir.mkdir(parents=True, exist_ok=True)
     db_url = opts.db_url or f"sqlite:///{sdir / 'mlflow.db'}"
@@ -126,9 +142,11 @@ def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: st
         "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(sdir, creds)),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["mlflow_password"],
     })
     cmd = [
-        _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        _bin("mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", db_url,
         "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts",
         "--serve-artifacts", "--workers", "2",

@@ -13,7 +13,8 @@ def test_mlflow_server_on_postgres_keeps_runs_and_registry(stack, pg_url, tmp_pa
     import mlflow
 
     opts = servers.Options(state_dir=tmp_path, db_url=pg_url)
-    creds = {"aws_access_key_id": stack.aws_access_key_id, "aws_secret_access_key": stack.aws_secret_access_key}
+    creds = {"aws_access_key_id": stack.aws_access_key_id, "aws_secret_access_key": stack.aws_secret_access_key,
+             "mlflow_username": stack.mlflow_username, "mlflow_password": stack.mlflow_password}
     port = procs.free_port()
     proc = servers.start_mlflow(opts, stack.s3_endpoint_url, creds, stack.bucket, port)
     url = f"http://127.0.0.1:{port}"
@@ -41,4 +42,4 @@ def test_mlflow_server_on_postgres_keeps_runs_and_registry(stack, pg_url, tmp_pa
         metric = conn.execute(sa.text("SELECT value FROM metrics WHERE key = 'eval_loss'")).scalar_one()
     engine.dispose()
     assert unique_name in names and metric == 1.25
-    assert not list(tmp_path.rglob("*.db"))
+    assert not list(tmp_path.rglob("mlflow.db"))  # (the auth users live in their own small SQLite file)

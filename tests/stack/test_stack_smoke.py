@@ -64,6 +64,17 @@ def test_ray_jobs_api_requires_the_token(stack):
     assert _get(url, {"Authorization": f"Bearer {stack.ray_auth_token}"}) == 200
 
 
+def test_mlflow_api_requires_credentials(stack):
+    import base64
+
+    url = f"{stack.mlflow_tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(url) == 401
+    wrong = base64.b64encode(f"{stack.mlflow_username}:nope".encode()).decode()
+    assert _get(url, {"Authorization": f"Basic {wrong}"}) == 401
+    right = base64.b64encode(f"{stack.mlflow_username}:{stack.mlflow_password}".encode()).decode()
+    assert _get(url, {"Authorization": f"Basic {right}"}) == 200
+
+
 def test_mlflow_server_refuses_pickle_deserialization(stack):
     # The server process was started with pickle deserialization off; the state records its env via the log
     # is not enough, so read the live process's environment.
