@@ -16,6 +16,7 @@ from peftray.errors import PeftrayError
 GROUPS: dict[str, tuple[str, str]] = {
     "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
     "make-tiny-model": ("models", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
+    "registry": ("registry", "list, show, import, promote, roll back, diff and fetch registered adapters"),
 }
 
 

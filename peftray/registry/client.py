@@ -40,6 +40,8 @@ def mlflow_client(config: Config | None = None):
     from mlflow import MlflowClient
 
     cfg = get_config(config)
+    # MLflow 3 prints "View run ... at" to stdout when a run ends; that would corrupt `--json` CLI output.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow's REST client reads basic-auth credentials from the environment at request time.
     if cfg.mlflow_username and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
         os.environ["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
