@@ -1,0 +1,52 @@
+"""Datasets for training jobs: read (local file, s3://, hub id), split, tokenize by format, batch.
+
+`prepare_data(spec, tokenizer)` is what the trainer calls on every worker; it fails fast, before any
+training starts, on a missing file, wrong column names or a prompt longer than `dataset.max_seq_len`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peftray.data.batches import BatchPlan, collate, eval_batches, total_steps
+from peftray.data.formats import IGNORE, check_columns, encode_rows, label_names
+from peftray.data.sources import SourceRows, load_rows, split_eval
+
+__all__ = ["IGNORE", "BatchPlan", "PreparedData", "SourceRows", "collate", "eval_batches", "load_rows",
+           "prepare_data", "split_eval", "total_steps"]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and eval examples, the dataset fingerprint and (classification) the class names."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    fingerprint: str
+    label_names: list[str] | None = None
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.train)
+
+
+def prepare_data(spec, tokenizer, config=None) -> PreparedData:
+    """Load, split and tokenize `spec.dataset` with `tokenizer`.
+
+    Args:
+        spec: the `JobSpec` (its `dataset` section and `training.seed` are used).
+        tokenizer: the base model's tokenizer.
+        config: a `peftray.config.Config` for s3:// sources; default `load_config()`.
+
+    Raises:
+        ConfigError: the source is missing, a column is missing (the message lists those that exist),
+            a label is unknown, or a prompt does not fit `max_seq_len` (the message names the row).
+    """
+    ds = spec.dataset
+    rows = load_rows(ds, config, seed=spec.training.seed)
+    check_columns(rows.train, ds, rows.columns)
+    names = label_names(rows.train + rows.eval, ds) if ds.format == "classification" else None
+    train = encode_rows(rows.train, ds, tokenizer, names, rows.train_rows)
+    evals = encode_rows(rows.eval, ds, tokenizer, names, rows.eval_rows)
+    return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint, label_names=names)
