@@ -1,0 +1,85 @@
+"""`/v1/adapters`: the registry's list, versions, promote and rollback over HTTP.
+
+Anyone with a token may read the registry. Moving an alias needs the admin token, or a token whose user owns
+a job that registered this adapter name: the team that trains an adapter may promote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from peftray import registry
+from peftray.service.auth import Principal
+from peftray.service.store import JobStore
+
+
+class GateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    higher_is_better: bool = True
+    threshold: float | None = None
+    no_worse_than_current: bool = False
+    tolerance: float = 0.0
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(gt=0)
+    alias: str
+    reason: str | None = None
+    gate: GateBody | None = None
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alias: str
+    reason: str | None = None
+
+
+def _check_may_move(store: JobStore, who: Principal, name: str) -> None:
+    if who.is_admin:
+        return
+    jobs, _ = store.list_jobs(owner=who.user, limit=500)
+    if not any(j.model_name == name or j.spec.get("registry", {}).get("model_name") == name or j.name == name
+               for j in jobs):
+        who.check_admin(f"moving an alias of {name!r} (none of your jobs registered it)")
+
+
+def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
+    """Add the adapter routes to `app`."""
+
+    @app.get("/v1/adapters", tags=["adapters"])
+    async def list_adapters(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        cfg = request.app.state.settings.config
+        items = await run_in_threadpool(registry.list_adapters, cfg)
+        return {"adapters": [a.to_dict() for a in items]}
+
+    @app.get("/v1/adapters/{name}/versions", tags=["adapters"])
+    async def list_versions(name: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        cfg = request.app.state.settings.config
+        items = await run_in_threadpool(registry.list_versions, name, cfg)
+        return {"versions": [v.to_dict() for v in items]}
+
+    @app.post("/v1/adapters/{name}/promote", tags=["adapters"])
+    async def promote(name: str, body: PromoteBody, request: Request,
+                      who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Point `name@alias` at `version` after the optional metric gate passes (409 if it refuses)."""
+        state = request.app.state
+        await run_in_threadpool(_check_may_move, state.store, who, name)
+        gate = registry.MetricGate(**body.gate.model_dump()) if body.gate else None
+        return await run_in_threadpool(lambda: registry.promote(
+            name, body.version, body.alias, gate=gate, actor=who.user, reason=body.reason,
+            config=state.settings.config))
+
+    @app.post("/v1/adapters/{name}/rollback", tags=["adapters"])
+    async def rollback(name: str, body: RollbackBody, request: Request,
+                       who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Move `name@alias` back to its previous holder."""
+        state = request.app.state
+        await run_in_threadpool(_check_may_move, state.store, who, name)
+        return await run_in_threadpool(lambda: registry.rollback(
+            name, body.alias, actor=who.user, reason=body.reason, config=state.settings.config))

@@ -1,0 +1,222 @@
+"""The control plane's REST API (FastAPI): jobs, their events and logs, adapters, tokens.
+
+`create_app(settings)` builds the app; the job store, the Ray executor and the scheduler thread live on
+`app.state` and start with the app. Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from peftray.errors import ConflictError, PeftrayError
+from peftray.service import adapters_api
+from peftray.service.auth import Principal, authenticate, issue_token
+from peftray.service.executor import RayExecutor
+from peftray.service.intake import read_body, validate_spec
+from peftray.service.scheduler import Scheduler
+from peftray.service.settings import ServiceSettings
+from peftray.service.store import ACTIVE, CANCELLED, QUEUED, JobRecord, JobStore
+
+NDJSON = "application/x-ndjson"
+JobState = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
+FOLLOW_POLL_S = 0.5
+KEEPALIVE_S = 15.0
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PeftrayError)
+    async def _peftray(_request: Request, exc: PeftrayError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        return JSONResponse(error_body(exc.code, str(exc)), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'] if p != 'body')}`: {e['msg']}"
+                             for e in exc.errors())
+        return JSONResponse(error_body("invalid_request", problems), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller (401 otherwise)."""
+    state = request.app.state
+    return authenticate(request.headers.get("authorization"), state.store, state.settings.admin_token)
+
+
+def _owned_job(request: Request, job_id: str, who: Principal) -> JobRecord:
+    job = request.app.state.store.get(job_id, with_transitions=True)
+    who.check_owns(job)
+    return job
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(description="user name the token acts as")
+    admin: bool = Field(False, description="give the token admin rights")
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """The FastAPI app of the control plane (settings default to `ServiceSettings.from_env()`)."""
+    settings = settings or ServiceSettings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.settings = settings
+        app.state.store = JobStore(settings.db_url)
+        app.state.executor = RayExecutor(settings)
+        app.state.scheduler = Scheduler(app.state.store, app.state.executor, settings)
+        if settings.run_scheduler:
+            app.state.scheduler.start()
+        try:
+            yield
+        finally:
+            app.state.scheduler.stop()
+            app.state.store.close()
+
+    app = FastAPI(title="peftray control plane", version="1", lifespan=lifespan,
+                  description="Submit, track, cancel and promote parameter-efficient fine-tuning jobs on Ray.")
+    _install_error_handlers(app)
+    _job_routes(app)
+    _stream_routes(app)
+    adapters_api.install(app, principal)
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get("/v1/whoami", tags=["service"])
+    def whoami(who: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"user": who.user, "is_admin": who.is_admin}
+
+    @app.post("/v1/tokens", status_code=201, tags=["service"])
+    def create_token(body: TokenRequest, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Issue an API token for a user (admin only). The token is shown once; only its sha256 is stored."""
+        who.check_admin("issuing tokens")
+        return {"user": body.user, "token": issue_token(request.app.state.store, body.user, body.admin)}
+
+    return app
+
+
+def _job_routes(app: FastAPI) -> None:
+    @app.post("/v1/jobs", tags=["jobs"], status_code=201)
+    async def submit_job(request: Request, dry_run: bool = False,
+                         who: Principal = Depends(principal)) -> JSONResponse:
+        """Submit a job spec (JSON, or YAML with any other content type).
+
+        Send an `Idempotency-Key` header to make retries safe: the same key (per user) returns the job the
+        first request created (200) instead of making another (201). `?dry_run=true` only validates.
+        """
+        state = request.app.state
+        body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
+        spec = validate_spec(body, request.headers.get("content-type"))
+        spec_json = spec.model_dump(mode="json")
+        if dry_run:
+            return JSONResponse({"valid": True, "spec": spec_json}, status_code=200)
+        key = request.headers.get("idempotency-key") or None
+        if key is not None and not (0 < len(key) <= 200):
+            from peftray.errors import ConfigError
+
+            raise ConfigError(f"Idempotency-Key must be 1 to 200 characters, got {len(key)}")
+        job, created = await run_in_threadpool(state.store.create_job, who.user, spec.name, spec_json, key,
+                                                   spec.model_name)
+        return JSONResponse(job.to_api(), status_code=201 if created else 200)
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    def list_jobs(request: Request, state: JobState | None = None, name: str | None = None,
+                  owner: str | None = None, limit: int = Query(50, ge=1, le=500), cursor: int | None = None,
+                  who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Jobs newest first; a user sees their own, the admin everyone's (or one `owner`'s)."""
+        if not who.is_admin:
+            owner = who.user
+        jobs, nxt = request.app.state.store.list_jobs(owner=owner, state=state, name=name, limit=limit, before=cursor)
+        return {"jobs": [j.to_api() for j in jobs], "next_cursor": nxt}
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """State, timestamps, transitions, spec, Ray job id, MLflow run id, registered version, error."""
+        return _owned_job(request, job_id, who).to_api()
+
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], status_code=202)
+    def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Cancel a job: a queued one at once; a started one by stopping its Ray job (and so its workers)."""
+        store, executor = request.app.state.store, request.app.state.executor
+        job = _owned_job(request, job_id, who)
+        if job.state == QUEUED and store.transition(job.id, CANCELLED, f"cancelled by {who.user}", [QUEUED]):
+            return store.get(job.id, with_transitions=True).to_api()
+        job = store.get(job.id)
+        if job.state in ACTIVE:
+            store.update(job.id, cancel_requested=True)
+            if job.ray_job_id:
+                executor.stop(job.ray_job_id)  # the scheduler records `cancelled` once Ray shows it stopped
+            return store.get(job.id, with_transitions=True).to_api()
+        if job.state == CANCELLED:
+            return job.to_api()
+        raise ConflictError(f"job {job.id} already ended ({job.state}); there is nothing to cancel")
+
+
+def _stream_routes(app: FastAPI) -> None:
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    def job_events(job_id: str, request: Request, follow: bool = False, after: int = 0,
+                   who: Principal = Depends(principal)) -> StreamingResponse:
+        """State changes, progress and the result as NDJSON; `follow=true` streams until the job ends."""
+        _owned_job(request, job_id, who)
+        return StreamingResponse(_events(request.app.state.store, job_id, follow, after), media_type=NDJSON)
+
+    @app.get("/v1/jobs/{job_id}/logs", tags=["jobs"])
+    def job_logs(job_id: str, request: Request, follow: bool = False,
+                 who: Principal = Depends(principal)) -> StreamingResponse:
+        """The job's output (driver and workers) as text; `follow=true` streams until the job ends."""
+        _owned_job(request, job_id, who)
+        state = request.app.state
+        return StreamingResponse(_logs(state.store, state.executor, job_id, follow), media_type="text/plain")
+
+
+async def _events(store: JobStore, job_id: str, follow: bool, after: int) -> AsyncIterator[str]:
+    quiet = 0.0
+    while True:
+        ended = (await run_in_threadpool(store.get, job_id)).terminal  # read before the events: none are missed
+        batch = await run_in_threadpool(store.events_after, job_id, after)
+        for ev in batch:
+            after = ev["seq"]
+            yield json.dumps(ev) + "\n"
+        if batch:
+            quiet = 0.0
+            continue
+        if not follow or ended:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)
+        quiet += FOLLOW_POLL_S
+        if quiet >= KEEPALIVE_S:  # a blank line lets clients and proxies see the stream is alive
+            quiet = 0.0
+            yield "\n"
+
+
+async def _logs(store: JobStore, executor: RayExecutor, job_id: str, follow: bool) -> AsyncIterator[str]:
+    offset = 0
+    while True:
+        job = await run_in_threadpool(store.get, job_id)
+        if job.ray_job_id:
+            text = await run_in_threadpool(executor.logs, job.ray_job_id)
+            if len(text) > offset:
+                yield text[offset:]
+                offset = len(text)
+        if not follow or job.terminal:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S * 2)

@@ -1,0 +1,111 @@
+"""The executor: runs a validated job spec as a Ray job through the Jobs API (`JobSubmissionClient`).
+
+The service alone decides what runs on the cluster: the entrypoint is always `python -m peftray.train` on the
+spec it stored in object storage, and the runtime environment carries only the endpoints and credentials from
+the service's own config. Nothing from the request (a command, a runtime_env, env vars) reaches Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from peftray.service.settings import ServiceSettings
+
+# Secrets of the control plane and of serving that a training job has no use for.
+_NOT_FOR_JOBS = ("PEFTRAY_TOKEN", "PEFTRAY_SERVICE_URL", "PEFTRAY_SERVE_API_KEY", "PEFTRAY_SERVICE_ADMIN_TOKEN")
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    """What Ray says about a job: status is PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+
+    status: str
+    message: str | None = None
+
+
+class RayExecutor:
+    """Submit, inspect, stop and read the logs of the Ray jobs behind peftray jobs."""
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self.config = settings.config
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        # Created on first use: the constructor calls the dashboard, which may still be starting.
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                if not self.config.ray_dashboard_url:
+                    from peftray.errors import ConfigError
+
+                    raise ConfigError("the service has no Ray dashboard URL: set PEFTRAY_RAY_DASHBOARD_URL "
+                                      "or start the local stack (`peftray stack up`)")
+                token = self.config.ray_auth_token
+                headers = {"Authorization": f"Bearer {token}"} if token else None
+                self._client = JobSubmissionClient(self.config.ray_dashboard_url, headers=headers)
+            return self._client
+
+    @staticmethod
+    def submission_id(job_id: str) -> str:
+        """Ray's id for a peftray job; deterministic, so a restarted service finds (and never re-runs) it."""
+        return f"peftray-{job_id}"
+
+    def spec_uri(self, job_id: str) -> str:
+        return f"s3://{self.config.bucket}/jobs/{job_id}/spec.json"
+
+    def runtime_env(self) -> dict[str, Any]:
+        """Built from the service's config only: endpoints and credentials, unbuffered output, no log dedup."""
+        env = {k: v for k, v in self.config.env().items() if k not in _NOT_FOR_JOBS}
+        env.update({"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"})
+        return {"env_vars": env}
+
+    def entrypoint(self, job_id: str) -> str:
+        parts = [self.settings.job_python, "-m", "peftray.train", "--spec", self.spec_uri(job_id), "--job-id", job_id]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def submit(self, job_id: str, owner: str, spec: dict[str, Any]) -> str:
+        """Store the spec at `spec_uri(job_id)` and start the Ray job. Returns the Ray submission id."""
+        fs = self.config.s3fs()
+        fs.pipe_file(self.spec_uri(job_id)[len("s3://"):], json.dumps(spec, indent=1).encode())
+        return self.client.submit_job(
+            entrypoint=self.entrypoint(job_id),
+            submission_id=self.submission_id(job_id),
+            runtime_env=self.runtime_env(),
+            metadata={"peftray_job_id": job_id, "peftray_owner": owner},
+        )
+
+    def info(self, ray_id: str) -> RayJobInfo | None:
+        """Ray's view of the job, or None if Ray has no job with this id."""
+        try:
+            details = self.client.get_job_info(ray_id)
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                return None
+            raise
+        return RayJobInfo(status=str(getattr(details.status, "value", details.status)), message=details.message)
+
+    def stop(self, ray_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL); its Ray Train workers die with their driver."""
+        try:
+            return bool(self.client.stop_job(ray_id))
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                return False
+            raise
+
+    def logs(self, ray_id: str) -> str:
+        """The job's driver output so far (worker output included, prefixed by Ray); "" if Ray has no such job."""
+        try:
+            return self.client.get_job_logs(ray_id)
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                return ""
+            raise

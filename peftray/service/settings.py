@@ -1,0 +1,70 @@
+"""The control plane's own settings, read from environment variables (a plain process or a Ray Serve replica).
+
+| variable | meaning | default |
+|---|---|---|
+| `PEFTRAY_SERVICE_DB_URL` | SQLAlchemy URL of the job store | `sqlite:///<state dir>/service.db` |
+| `PEFTRAY_SERVICE_ADMIN_TOKEN` | the admin's bearer token | none: only per-user tokens work |
+| `PEFTRAY_SERVICE_MAX_RUNNING` | jobs started (starting + running) at once, service-wide | 2 |
+| `PEFTRAY_SERVICE_MAX_RUNNING_PER_USER` | the same, per owner | 2 |
+| `PEFTRAY_SERVICE_MAX_BODY_BYTES` | largest request body accepted | 1 MiB |
+| `PEFTRAY_SERVICE_POLL_S` | how often the scheduler asks Ray about jobs | 1.0 |
+| `PEFTRAY_JOB_PYTHON` | python executable of the job driver on the cluster | this interpreter |
+
+Endpoints and credentials of S3, MLflow and Ray come from `peftray.config.load_config()` as everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from peftray.config import Config, load_config
+from peftray.errors import ConfigError
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+@dataclass
+class ServiceSettings:
+    """Everything the service needs; `from_env()` builds it, tests build it directly."""
+
+    config: Config
+    db_url: str
+    admin_token: str | None = None
+    max_running: int = 2
+    max_running_per_user: int = 2
+    max_body_bytes: int = 1 << 20
+    poll_s: float = 1.0
+    job_python: str = field(default_factory=lambda: sys.executable)
+    run_scheduler: bool = True
+
+    @classmethod
+    def from_env(cls) -> "ServiceSettings":
+        config = load_config()
+        db_url = os.environ.get("PEFTRAY_SERVICE_DB_URL") or f"sqlite:///{config.state_dir / 'service.db'}"
+        try:
+            poll_s = float(os.environ.get("PEFTRAY_SERVICE_POLL_S") or 1.0)
+        except ValueError:
+            raise ConfigError(f"PEFTRAY_SERVICE_POLL_S must be a number, got {os.environ['PEFTRAY_SERVICE_POLL_S']!r}") from None
+        return cls(
+            config=config,
+            db_url=db_url,
+            admin_token=os.environ.get("PEFTRAY_SERVICE_ADMIN_TOKEN") or None,
+            max_running=_int_env("PEFTRAY_SERVICE_MAX_RUNNING", 2),
+            max_running_per_user=_int_env("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", 2),
+            max_body_bytes=_int_env("PEFTRAY_SERVICE_MAX_BODY_BYTES", 1 << 20),
+            poll_s=poll_s,
+            job_python=os.environ.get("PEFTRAY_JOB_PYTHON") or sys.executable,
+        )
