@@ -8,4 +8,31 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# The PEFT API is imported on first use (PEP 562), so `import peftray` (e.g. by the CLI) does not load torch.
+_LAZY = {
+    "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
+    "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model",
+    **{name: "peftray.task_models" for name in (
+        "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+        "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification")},
+    **{name: "peftray.tuners" for name in (
+        "IA3Config", "LoraConfig", "PeftConfig", "PeftType", "PrefixTuningConfig", "PromptEncoderConfig",
+        "PromptTuningConfig", "PromptTuningInit", "TaskType", "register_peft_method")},
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftray' has no attribute {name!r}")
+
+
+__all__ = [
+    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig",
+    "PromptTuningInit", "TaskType", "__version__", "get_peft_model", "read_adapter", "register_peft_method",
+    "write_adapter",
+]

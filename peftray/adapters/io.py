@@ -1,0 +1,125 @@
+"""Reading and writing adapter folders in the HF PEFT format: adapter_config.json + adapter_model.safetensors.
+
+Paths may be local folders or `s3://bucket/prefix` URIs (s3fs, imported only when such a path is used, with the
+endpoint and credentials of `peftray.config.load_config()`). Pickle files (`adapter_model.bin`) are refused and
+never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from peftray.errors import AdapterFormatError
+from peftray.tuners.registry import config_from_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+
+
+class _Folder:
+    """Minimal file access to a local folder or an s3:// prefix."""
+
+    def __init__(self, path: str | os.PathLike, storage_options: dict | None = None) -> None:
+        self.path = str(path).rstrip("/")
+        self.fs = None
+        if self.path.startswith("s3://"):
+            import s3fs  # only for s3:// paths, so tuners never need it
+
+            if storage_options is None:
+                from peftray.config import load_config
+
+                storage_options = load_config().storage_options()
+            self.fs = s3fs.S3FileSystem(**storage_options)
+
+    def join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.join(name)) if self.fs else os.path.isfile(self.join(name))
+
+    def read(self, name: str) -> bytes:
+        if self.fs:
+            return self.fs.cat_file(self.join(name))
+        return Path(self.join(name)).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.fs:
+            self.fs.pipe_file(self.join(name), data)
+            return
+        os.makedirs(self.path, exist_ok=True)
+        tmp = self.join(f".{name}.tmp")
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, self.join(name))  # never leave a half-written file under the real name
+
+
+def read_adapter_config(path: str | os.PathLike, storage_options: dict | None = None):
+    """The `PeftConfig` in `path/adapter_config.json` (AdapterFormatError if missing or not JSON)."""
+    folder = _Folder(path, storage_options)
+    return _read_config(folder)
+
+
+def _read_config(folder: _Folder):
+    if not folder.exists(CONFIG_NAME):
+        raise AdapterFormatError(f"no {CONFIG_NAME} in {folder.path}: not an adapter folder (or a wrong path).")
+    try:
+        data = json.loads(folder.read(CONFIG_NAME))
+    except ValueError as exc:
+        raise AdapterFormatError(f"{folder.join(CONFIG_NAME)} is not valid JSON: {exc}") from None
+    return config_from_dict(data)
+
+
+def read_adapter(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(config, state_dict) of the adapter in `path`, tensors keyed by their HF PEFT names."""
+    folder = _Folder(path, storage_options)
+    config = _read_config(folder)
+    if not folder.exists(WEIGHTS_NAME):
+        pickled = [n for n in PICKLE_NAMES if folder.exists(n)]
+        if pickled:
+            raise AdapterFormatError(
+                f"{folder.join(pickled[0])} is a pickle file; peftray never unpickles (it can run arbitrary code). "
+                "Convert it to adapter_model.safetensors with a trusted tool first.")
+        raise AdapterFormatError(f"no {WEIGHTS_NAME} in {folder.path}.")
+    return config, load_safetensors_bytes(folder.read(WEIGHTS_NAME), folder.join(WEIGHTS_NAME))
+
+
+def load_safetensors_bytes(data: bytes, where: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; a truncated or corrupt file raises AdapterFormatError naming it."""
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{where} is truncated or corrupt ({len(data)} bytes): {exc}") from None
+
+
+def write_adapter(path: str | os.PathLike, config: Any, state: dict[str, torch.Tensor], readme: str | None = None,
+                  storage_options: dict | None = None) -> None:
+    """Write adapter_config.json (sorted keys, indent 2, inference_mode true) and adapter_model.safetensors."""
+    folder = _Folder(path, storage_options)
+    data = config.to_dict()
+    data["inference_mode"] = True
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    folder.write(WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
+    folder.write(CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    if readme is not None and not folder.exists("README.md"):
+        folder.write("README.md", readme.encode())
+
+
+def model_card(base_model: str | None, method: str) -> str:
+    """The README.md HF PEFT writes next to an adapter (YAML front matter that hubs read)."""
+    lines = ["---"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["library_name: peft", "tags:"]
+    if base_model:
+        lines.append(f"- base_model:adapter:{base_model}")
+    lines += [f"- {method.lower()}", "- transformers", "---", "", "# Adapter", "",
+              f"A {method} adapter in the Hugging Face PEFT format, written by peftray.", ""]
+    return "\n".join(lines)

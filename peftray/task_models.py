@@ -1,0 +1,130 @@
+"""Task-specific `PeftModel` subclasses: how virtual prompts / prefixes enter each kind of transformers head.
+
+For LoRA and IA3 every task is a plain pass-through (the adapters live inside the layers); the subclasses matter
+for prompt methods and for SEQ_CLS, which (like HF PEFT) trains and saves the classifier head with the adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from peftray.errors import ConfigError
+from peftray.peft_model import CLASSIFIER_NAMES, PeftModel
+from peftray.tuners import prompt_learning as pl
+from peftray.tuners.config import PeftConfig, PeftType, TaskType
+
+
+def _batch_size(input_ids, inputs_embeds) -> int:
+    return (input_ids if input_ids is not None else inputs_embeds).shape[0]
+
+
+class _PromptTasks(PeftModel):
+    """Shared prompt-method forward: prepend virtual tokens (prompt tuning, P-tuning) or pass a KV prefix."""
+
+    prefix_labels = False  # causal LM: the virtual positions get label -100
+    keep_token_type_ids = True
+
+    def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        cfg = self.active_peft_config
+        batch, n = _batch_size(input_ids, inputs_embeds), cfg.num_virtual_tokens
+        encoder = self.prompt_encoder[self.active_adapter]
+        attention_mask = pl.extend_mask(attention_mask, n)
+        pl.drop_position_ids(kwargs, cfg, remove_token_type_ids=not self.keep_token_type_ids)
+        if cfg.peft_type == PeftType.PREFIX_TUNING:
+            kwargs[pl.cache_kwarg(self.base_model)] = pl.prefix_cache(encoder, cfg, batch, self.base_model.dtype)
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([torch.zeros(batch, n, dtype=tt.dtype, device=tt.device), tt], 1)
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        if labels is not None and self.prefix_labels:
+            labels = torch.cat([torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels], 1)
+        prompts = pl.virtual_prompts(encoder, cfg, batch).to(inputs_embeds.dtype)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(inputs_embeds=torch.cat([prompts, inputs_embeds], 1), attention_mask=attention_mask,
+                               **kwargs)
+
+
+class PeftModelForCausalLM(_PromptTasks):
+    """Causal language models (`AutoModelForCausalLM`)."""
+
+    prefix_labels = True
+    keep_token_type_ids = False
+
+    def _prompt_generate(self, input_ids=None, attention_mask=None, **kwargs):
+        cfg = self.active_peft_config
+        if input_ids is None:
+            raise ConfigError("generate with a prompt method needs input_ids.")
+        batch, n = input_ids.shape[0], cfg.num_virtual_tokens
+        encoder = self.prompt_encoder[self.active_adapter]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = pl.extend_mask(attention_mask, n)
+        if cfg.peft_type == PeftType.PREFIX_TUNING:
+            # The prefix is a pre-filled cache of n positions; n placeholder ids stand for them so that
+            # generate treats them as already processed and the real prompt starts at position n.
+            cache = pl.prefix_cache(encoder, cfg, batch, self.base_model.dtype)
+            fill = torch.zeros(batch, n, dtype=input_ids.dtype, device=input_ids.device)
+            out = self.base_model.generate(input_ids=torch.cat([fill, input_ids], 1), attention_mask=mask,
+                                           **{pl.cache_kwarg(self.base_model): cache}, **kwargs)
+            return out[:, n:]
+        embeds = self.base_model.get_input_embeddings()(input_ids)
+        prompts = pl.virtual_prompts(encoder, cfg, batch).to(embeds.dtype)
+        out = self.base_model.generate(inputs_embeds=torch.cat([prompts, embeds], 1), attention_mask=mask, **kwargs)
+        return torch.cat([input_ids, out], 1)
+
+
+class PeftModelForSequenceClassification(_PromptTasks):
+    """Sequence classification; the classifier head (`classifier` / `score`) is trained and saved too."""
+
+    classifier_names = CLASSIFIER_NAMES
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
+        _add_classifier(peft_config, self.classifier_names)
+        super().__init__(model, peft_config, adapter_name, init_weights)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True) -> None:
+        _add_classifier(peft_config, self.classifier_names)  # HF PEFT extends here too (prompt methods: twice)
+        super().add_adapter(adapter_name, peft_config, init_weights)
+
+
+def _add_classifier(config: PeftConfig, names: list[str]) -> None:
+    if hasattr(config, "modules_to_save"):
+        config.modules_to_save = (list(config.modules_to_save) if config.modules_to_save else []) + names
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """Token classification (the classifier head is trained and saved too)."""
+
+
+class PeftModelForFeatureExtraction(_PromptTasks):
+    """Encoders used for embeddings (`AutoModel`)."""
+
+    def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any):
+        kwargs.pop("labels", None)
+        return super()._prompt_forward(input_ids, attention_mask, inputs_embeds, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder LMs (LoRA and IA3; prompt methods are refused for this task)."""
+
+
+class PeftModelForQuestionAnswering(PeftModelForSequenceClassification):
+    """Extractive question answering (the `qa_outputs` head is trained and saved too)."""
+
+    classifier_names = ["qa_outputs"]
+
+
+TASK_CLASSES = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+}
