@@ -17,6 +17,10 @@ GROUPS: dict[str, tuple[str, str]] = {
     "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
     "make-tiny-model": ("models", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
     "registry": ("registry", "list, show, import, promote, roll back, diff and fetch registered adapters"),
+    "service": ("service", "start, check and stop the control plane (REST API) on the local stack; issue tokens"),
+    "submit": ("submit", "submit a job spec to the control plane and follow it (like `ray job submit`)"),
+    "jobs": ("jobs", "list, show, follow (logs, events) and cancel jobs of the control plane"),
+    "promote": ("promote", "point an adapter alias at a version through the control plane"),
 }
 
 

@@ -1,0 +1,71 @@
+"""`peftray service up | status | down | token USER`: the control plane on the local stack."""
+
+from __future__ import annotations
+
+import argparse
+
+from peftray.cli.table import table
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = sub.add_parser("up", help="start the control plane on the local stack (a no-op if it runs)")
+    up.add_argument("--db-url", help="job store URL (default: SQLite in the state folder), "
+                                     "e.g. postgresql+psycopg://127.0.0.1:5432/peftray")
+    up.add_argument("--max-running", type=int, help="jobs running at once, service-wide (default 2)")
+    up.add_argument("--max-running-per-user", type=int, help="jobs running at once per user (default 2)")
+    up.set_defaults(func=_up)
+    sub.add_parser("status", help="print the control plane's pid, URL and health").set_defaults(func=_status)
+    sub.add_parser("down", help="stop the control plane (jobs keep running on Ray)").set_defaults(func=_down)
+    tok = sub.add_parser("token", help="issue an API token for a user (needs the admin token)")
+    tok.add_argument("user")
+    tok.add_argument("--admin", action="store_true", help="give the token admin rights")
+    tok.set_defaults(func=_token)
+
+
+def _up(args) -> int:
+    from peftray.service import process
+
+    env = {k: str(v) for k, v in (("PEFTRAY_SERVICE_DB_URL", args.db_url),
+                                  ("PEFTRAY_SERVICE_MAX_RUNNING", args.max_running),
+                                  ("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", args.max_running_per_user)) if v is not None}
+    svc = process.up(args.state_dir, env)
+    print(f"control plane at {svc.url} (pid {svc.proc.pid}, log {svc.proc.log})")
+    print("the CLI finds it through the stack's state folder; elsewhere set PEFTRAY_SERVICE_URL and PEFTRAY_TOKEN")
+    return 0
+
+
+def _status(args) -> int:
+    import httpx
+
+    from peftray.service import process
+
+    svc = process.status(args.state_dir)
+    if svc is None:
+        print("the control plane is not running (start it with `peftray service up`)")
+        return 3
+    healthy = False
+    if svc.alive:
+        try:
+            healthy = httpx.get(f"{svc.url}/healthz", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            pass
+    state = "running" if healthy else ("NOT ANSWERING" if svc.alive else "DEAD")
+    print(table(["server", "pid", "state", "url", "log"], [("service", svc.proc.pid, state, svc.url, svc.proc.log)]))
+    return 0 if healthy else 3
+
+
+def _down(args) -> int:
+    from peftray.service import process
+
+    print("stopped the control plane" if process.down(args.state_dir) else "the control plane was not running")
+    return 0
+
+
+def _token(args) -> int:
+    from peftray.config import load_config
+    from peftray.service.client import ServiceClient
+
+    with ServiceClient.from_config(load_config(args.state_dir)) as client:
+        print(client.create_token(args.user, admin=args.admin))
+    return 0
