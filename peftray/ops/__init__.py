@@ -1,0 +1,8 @@
+"""Hot kernels shared by the tuners (mixed-adapter forward) and the serving engine. Imports torch only."""
+
+from __future__ import annotations
+
+from peftray.ops.lora import lora_delta, stack_lora_weights
+from peftray.ops.plan import RowPlan
+
+__all__ = ["RowPlan", "lora_delta", "stack_lora_weights"]
