@@ -14,6 +14,7 @@ from peftray.errors import PeftrayError
 
 # command group -> (module under peftray.cli, one-line help)
 GROUPS: dict[str, tuple[str, str]] = {
+    "bench": ("bench", "run a benchmark against its baseline (tuners, train, registry, service, serve)"),
     "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
     "make-tiny-model": ("models", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
     "registry": ("registry", "list, show, import, promote, roll back, diff and fetch registered adapters"),

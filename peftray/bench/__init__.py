@@ -1,0 +1,1 @@
+"""Benchmarks, one module per area, each run as `peftray bench <area>` against its baseline."""
