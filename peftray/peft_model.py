@@ -39,7 +39,7 @@ class PeftModel(nn.Module):
         if peft_config.is_prompt_learning:
             self.base_model = model
             self.prompt_encoder = nn.ModuleDict()
-            self.add_adapter(adapter_name, peft_config)
+            self.add_adapter(adapter_name, peft_config, init_weights)
         else:
             _, tuner_cls = get_method(peft_config.peft_type)
             self.base_model = tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
@@ -78,7 +78,7 @@ class PeftModel(nn.Module):
             return
         for p in self.base_model.parameters():
             p.requires_grad_(False)
-        self.prompt_encoder[adapter_name] = pl.make_prompt_encoder(self.base_model, peft_config)
+        self.prompt_encoder[adapter_name] = pl.make_prompt_encoder(self.base_model, peft_config, not init_weights)
         self._prompt_configs[adapter_name] = peft_config
         if peft_config.modules_to_save:
             wrap_modules_to_save(self.base_model, peft_config.modules_to_save, adapter_name)
@@ -269,6 +269,8 @@ class PeftModel(nn.Module):
         PeftModel._check_base(_Probe(model), config, on_base_mismatch)
         peft_cls.__init__(peft_model, model, config, adapter_name, init_weights=False)
         peft_model.set_adapter_state_dict(state, adapter_name)
+        if not is_trainable:
+            peft_model.eval()  # as HF PEFT: an adapter loaded for inference starts in eval mode
         return peft_model
 
     # --- running ----------------------------------------------------------------------------------

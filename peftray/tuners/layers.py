@@ -60,7 +60,9 @@ class AdapterLayer(nn.Module):
         if name in self.merged_adapters:
             self.unmerge()
         for attr in self.adapter_layer_names + self.other_param_names:
-            getattr(self, attr).pop(name, None)
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._generation += 1
 
@@ -111,7 +113,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     if type(layer).__name__ == "Linear4bit":
         import bitsandbytes.functional as bnbf  # QLoRA only: imported when such a layer is met
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        # dequantised in the quant state's dtype (often bf16); merging happens in fp32 as in PEFT
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     if type(layer).__name__ == "Conv1D":  # GPT-2 stores [in, out]
         return weight.data.T
     return weight.data
@@ -122,8 +125,11 @@ def set_base_weight(layer: nn.Module, dense: torch.Tensor) -> None:
         import bitsandbytes as bnb
 
         old = layer.weight
-        kwargs = {k: getattr(old, k) for k in ("quant_type", "blocksize", "compress_statistics") if hasattr(old, k)}
-        layer.weight = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, **kwargs).to(old.device)
+        # Same recipe as PEFT: the old parameter's settings, marked "not yet quantised" so that moving it to
+        # its device quantises the new dense weight.
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(bnb_quantized=False, requires_grad=False)
+        layer.weight = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(old.device)
     elif type(layer).__name__ == "Conv1D":
         layer.weight.data = dense.T.contiguous()
     else:
@@ -179,7 +185,8 @@ class ModulesToSaveWrapper(nn.Module):
                 p.requires_grad_(trainable and name == self.active_adapter)
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
         if self.active_adapter == name:
             self.active_adapter = None
 

@@ -7,6 +7,7 @@ transformer layer, with key/value heads = the model's key/value heads (GQA inclu
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any
@@ -19,8 +20,13 @@ from peftray.tuners.config import PeftType, TaskType, fill_from_model_config
 from peftray.tuners.registry import get_method
 
 
-def make_prompt_encoder(model: nn.Module, config: Any) -> nn.Module:
-    """Fill the config from the model and build the method's encoder (frozen base model assumed)."""
+def make_prompt_encoder(model: nn.Module, config: Any, loading: bool = False) -> nn.Module:
+    """Fill the config from the model and build the method's encoder (frozen base model assumed).
+
+    A loaded adapter holds the encoder's *output* (`prompt_embeddings`), so when `loading` the encoder is built
+    without its MLP/LSTM/projection even if the adapter is loaded trainable: training continues on the
+    saved embeddings directly instead of pushing them through a freshly initialised encoder.
+    """
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         raise ConfigError(f"{config.peft_type.value} with task_type SEQ_2_SEQ_LM is not supported by peftray; "
                           "use LoRA or IA3 for encoder-decoder models.")
@@ -28,6 +34,9 @@ def make_prompt_encoder(model: nn.Module, config: Any) -> nn.Module:
         config.num_transformer_submodules = 1
     fill_from_model_config(config, model.config)
     _, encoder_cls = get_method(config.peft_type)
+    if loading and not config.inference_mode:
+        config = copy.copy(config)
+        config.inference_mode = True
     if config.peft_type == PeftType.PROMPT_TUNING:
         encoder = encoder_cls(config, model.get_input_embeddings())
     else:

@@ -209,7 +209,10 @@ class Linear(LoraLayer):
         if x.shape[0] != mixed.indices.shape[0]:
             raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
         a, b, scaling = self._stacked(mixed.order, x.dtype)
-        result = result + lora_delta(x, a, b, scaling, mixed.plan).to(result.dtype)
+        if result.dtype == x.dtype:  # accumulate into the base output (in place when autograd allows)
+            result = lora_delta(x, a, b, scaling, mixed.plan, out=result)
+        else:
+            result = result + lora_delta(x, a, b, scaling, mixed.plan).to(result.dtype)
         # DoRA adapters are not in the stack (their term depends on the base output): one pass per segment.
         for i, name in enumerate(mixed.order):
             if name in self.lora_magnitude_vector:
