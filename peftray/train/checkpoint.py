@@ -1,0 +1,55 @@
+"""Training checkpoints: the adapter (HF-PEFT folder) + optimizer + scheduler + step + RNG, in one folder.
+
+Layout of a checkpoint folder (uploaded by Ray Train to `<bucket>/train/<job name>/checkpoint_*`):
+    adapter/adapter_config.json, adapter/adapter_model.safetensors   what gets registered at the end
+    trainer_state.pt   {"step", "trainable", "optimizer", "scheduler", "rng"}; loaded with weights_only=True
+    meta.json          {"step", "metrics"} for people browsing the bucket
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def save(folder: Path, model, optimizer, scheduler, step: int, metrics: dict) -> Path:
+    """Write a checkpoint of `model` (the PeftModel, unwrapped from DDP) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / ADAPTER_DIR)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()}, folder / STATE_FILE)
+    (folder / "meta.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+    return folder
+
+
+def restore(folder: Path, model, optimizer, scheduler) -> int:
+    """Load a checkpoint into `model`, `optimizer` and `scheduler`; return the step it was taken after."""
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = [n for n in params if params[n].requires_grad and n not in state["trainable"]]
+    if missing:
+        raise RuntimeError(f"checkpoint {folder} does not fit this adapter: no value for {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,128 @@
+"""The frozen base model and its tokenizer, from a hub id, a local folder or s3://, wrapped by peftray.tuners."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from peftray.errors import ConfigError
+from peftray.spec import JobSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_base(spec: JobSpec, config=None) -> str:
+    """A local folder or hub id `from_pretrained` can read; an s3:// model is downloaded once to the cache."""
+    path = spec.base_model.path
+    if not path.startswith("s3://"):
+        return path
+    from peftray.config import load_config
+
+    cfg = config or load_config()
+    dest = Path(cfg.cache_dir) / "base-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    if (dest / ".complete").exists():
+        return str(dest)
+    fs = cfg.s3fs()
+    root = path.removeprefix("s3://").rstrip("/")
+    if not fs.exists(root):
+        raise ConfigError(f"`base_model.path` {path} does not exist in object storage")
+    fs.get(root + "/", str(dest) + "/", recursive=True)
+    (dest / ".complete").touch()  # a crash mid-download leaves no marker, so the next run downloads again
+    return str(dest)
+
+
+def load_tokenizer(spec: JobSpec, path: str):
+    """The base model's tokenizer, with a pad token (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=spec.base_model.revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"`base_model.path` {spec.base_model.path!r}: cannot load a tokenizer ({exc}). "
+                          "Give a transformers model folder, an s3:// copy of one, or a reachable hub id") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_quantization(spec: JobSpec) -> None:
+    """Refuse quantization where bitsandbytes cannot do it, before any worker starts."""
+    if not spec.quantization:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"`quantization: {spec.quantization}` needs bitsandbytes (pip install 'peftray[quant]'), "
+                          "or remove `quantization`") from None
+    if spec.quantization == "8bit" and not spec.resources.use_gpu:
+        raise ConfigError("`quantization: 8bit` needs CUDA (bitsandbytes' int8 matmul has no CPU kernel); "
+                          "use quantization=4bit on CPU, or set resources.use_gpu=true")
+
+
+def load_base(spec: JobSpec, path: str, tokenizer, label_names: list[str] | None, device: torch.device):
+    """The frozen base model on `device`, in the dtype the spec asks for, quantized when asked."""
+    import transformers
+
+    dtype = DTYPES.get(spec.base_model.dtype) or PRECISION_DTYPES[spec.training.precision]
+    kwargs: dict = {"revision": spec.base_model.revision, "dtype": dtype}
+    if spec.quantization:
+        kwargs["quantization_config"] = _bnb_config(spec.quantization, dtype)
+        kwargs["device_map"] = {"": device}
+    if spec.task == "seq_cls":
+        names = label_names or []
+        kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
+                      label2id={n: i for i, n in enumerate(names)})
+        cls = transformers.AutoModelForSequenceClassification
+    else:
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model if spec.quantization else model.to(device)
+
+
+def _bnb_config(kind: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def wrap(spec: JobSpec, model, base_ref: str):
+    """Wrap the base with the spec's adapter through peftray.tuners; only adapter weights stay trainable."""
+    import peftray
+
+    config_cls = {"lora": "LoraConfig", "dora": "LoraConfig", "ia3": "IA3Config",
+                  "prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig",
+                  "p_tuning": "PromptEncoderConfig"}[spec.method]
+    kwargs = spec.peft_kwargs()
+    kwargs["base_model_name_or_path"] = base_ref
+    if spec.base_model.revision:
+        kwargs["revision"] = spec.base_model.revision
+    if spec.method == "prompt_tuning" and kwargs.get("prompt_tuning_init") == "TEXT":
+        kwargs["tokenizer_name_or_path"] = base_ref
+    if spec.quantization:
+        _prepare_quantized(model)
+    torch.manual_seed(spec.training.seed)  # every rank builds the same initial adapter
+    peft_model = peftray.get_peft_model(model, getattr(peftray, config_cls)(**kwargs))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(f"`adapter` ({spec.method}) matched no module of {base_ref}; check adapter.target_modules")
+    return peft_model
+
+
+def _prepare_quantized(model) -> None:
+    # QLoRA recipe: freeze everything, keep norms in fp32 for stability, let inputs carry grads
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16) and param.ndim == 1:
+            param.data = param.data.float()
+    model.enable_input_require_grads()

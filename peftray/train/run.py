@@ -1,0 +1,204 @@
+"""`run_job(spec)`: the driver. Check everything it can, run the Ray Train job, register the adapter once.
+
+Order matters for "fail fast, leave nothing behind": spec, cluster resources, tokenizer and data are all
+checked before the MLflow run is created or a worker starts. The adapter is registered from the trainer's
+final result (its last checkpoint), never by listing the storage folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from peftray.config import Config, load_config
+from peftray.data import BatchPlan, prepare_data
+from peftray.errors import GateError, PeftrayError
+from peftray.spec import JobSpec, load_spec
+from peftray.train.loop import check_precision
+from peftray.train.model import check_quantization, load_tokenizer, resolve_base
+from peftray.train.scaling import check_cluster, scaling_config, torch_backend
+
+
+class TrainingError(PeftrayError, RuntimeError):
+    """The Ray Train job failed after its retries."""
+
+    code = "training_failed"
+
+
+@dataclass
+class TrainResult:
+    """What a finished job produced: the MLflow run, the registered version and its final metrics."""
+
+    run_id: str
+    model_name: str
+    version: int
+    metrics: dict[str, float]
+    adapter_uri: str
+    job_name: str = ""
+    promoted_alias: str | None = None
+    promotion_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def storage_filesystem(cfg: Config):
+    """A pyarrow S3 filesystem for the config's endpoint (Ray Train's checkpoint storage)."""
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if cfg.aws_access_key_id:
+        kwargs.update(access_key=cfg.aws_access_key_id, secret_key=cfg.aws_secret_access_key)
+    if cfg.s3_endpoint_url:
+        url = urlparse(cfg.s3_endpoint_url)
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "http")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _absolute_paths(spec: JobSpec) -> JobSpec:
+    # Workers may start in another directory than the driver; pin local paths before shipping the spec.
+    updates = {}
+    if Path(spec.base_model.path).exists():
+        updates["base_model"] = spec.base_model.model_copy(update={"path": str(Path(spec.base_model.path).absolute())})
+    src = spec.dataset.source
+    if not src.startswith("s3://") and Path(src).exists():
+        updates["dataset"] = spec.dataset.model_copy(update={"source": str(Path(src).absolute())})
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster from the config (RAY_ADDRESS / the local stack), or start a local one."""
+    cfg.apply_env()  # before Ray reads its auth settings: the token path and storage credentials
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+             include_dashboard=False, ignore_reinit_error=True)
+
+
+def preflight(spec: JobSpec, cfg: Config) -> str:
+    """Every check that needs no worker: resources, quantization, precision, tokenizer, data. Returns the
+    dataset fingerprint."""
+    import ray
+
+    check_cluster(spec.resources, ray.cluster_resources())
+    check_quantization(spec)
+    check_precision(spec)
+    tok = load_tokenizer(spec, resolve_base(spec, cfg))
+    data = prepare_data(spec, tok, cfg)
+    t = spec.training
+    BatchPlan(len(data.train), t.batch_size, spec.resources.num_workers, t.gradient_accumulation_steps, t.seed).check()
+    return data.fingerprint
+
+
+def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | None = None):
+    """The `TorchTrainer` for a job; checkpoints under `<storage>/<job name>` (default `<bucket>/train`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from peftray.train.worker import train_loop_per_worker
+
+    env = cfg.env()
+    env.update({k: v for k, v in os.environ.items() if k.startswith("PEFTRAY_TEST_")})
+    run_config = RunConfig(
+        name=spec.name, storage_path=storage or f"{cfg.bucket}/train", storage_filesystem=storage_filesystem(cfg),
+        failure_config=FailureConfig(max_failures=spec.training.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    kwargs = {"torch_config": torch_backend(spec.resources)} if spec.resources.use_tpu else {}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config={"spec": spec.model_dump(mode="json"), "env": env, "run_id": run_id},
+        scaling_config=scaling_config(spec.resources), run_config=run_config, **kwargs)
+
+
+def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrides: list[str] = (),
+            job_id: str | None = None) -> TrainResult:
+    """Train a job spec on Ray Train and register the adapter.
+
+    Args:
+        spec: a `JobSpec`, or a path / s3:// URI / YAML text for `load_spec`.
+        config: endpoints (S3, MLflow, Ray); default `load_config()`.
+        overrides: `key=value` overrides when `spec` is not a `JobSpec` yet.
+        job_id: the control plane's job id, recorded as an MLflow tag.
+
+    Returns:
+        The `TrainResult`: MLflow run id, registered model name + version, final metrics, adapter URI.
+
+    Raises:
+        ConfigError: a bad spec, missing data, wrong columns, too-short max_seq_len, use_gpu without GPUs, ...
+            all raised before any MLflow run or worker exists.
+        TrainingError: the workers failed more often than `training.max_failures`.
+    """
+    from peftray.registry.client import mlflow_client
+
+    spec = spec if isinstance(spec, JobSpec) else load_spec(spec, list(overrides))
+    cfg = config or load_config()
+    spec = _absolute_paths(spec)
+    connect_ray(cfg)
+    fingerprint = preflight(spec, cfg)
+    client = mlflow_client(cfg)
+    from peftray.train.tracking import close_run, open_run
+
+    run_id = open_run(client, spec, fingerprint, job_id)
+    try:
+        result = make_trainer(spec, cfg, run_id).fit()
+        out = _register(spec, cfg, run_id, result, fingerprint)
+    except BaseException:
+        close_run(client, run_id, ok=False)
+        raise
+    close_run(client, run_id, ok=True)
+    return out
+
+
+def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str) -> TrainResult:
+    from peftray.registry import register_adapter
+
+    if result.error is not None or result.checkpoint is None:
+        raise TrainingError(f"job {spec.name} failed: {result.error or 'no final checkpoint was reported'}")
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    registry_metrics = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    registry_metrics["train_loss"] = metrics.get("loss", float("nan"))
+    registry_metrics = {k: v for k, v in registry_metrics.items() if v == v}  # drop NaN
+    with result.checkpoint.as_directory() as folder:
+        version = register_adapter(
+            Path(folder) / "adapter", spec.model_name, base_model=spec.base_model.path,
+            base_revision=spec.base_model.revision, run_id=run_id, job_name=spec.name, metrics=registry_metrics,
+            tags=_version_tags(spec), dataset_fingerprint=fingerprint, description=spec.description, config=cfg)
+    out = TrainResult(run_id=run_id, model_name=version.name, version=version.version, metrics=metrics,
+                      adapter_uri=version.tags.get("peftray.s3_uri") or version.source, job_name=spec.name)
+    _promote(spec, cfg, out)
+    return out
+
+
+def _version_tags(spec: JobSpec) -> dict[str, str]:
+    t = spec.training
+    tags = {"hp.learning_rate": repr(t.learning_rate), "hp.batch_size": str(t.batch_size),
+            "hp.num_workers": str(spec.resources.num_workers), "hp.precision": t.precision,
+            "hp.steps": str(t.max_steps or ""), "hp.epochs": str(t.epochs or ""), "task": spec.task}
+    if spec.quantization:
+        tags.update({"method": "qlora" if spec.method in ("lora", "dora") else spec.method,
+                     "hp.quantization": spec.quantization})
+    return {**tags, **spec.registry.tags}
+
+
+def _promote(spec: JobSpec, cfg: Config, out: TrainResult) -> None:
+    promo = spec.registry.promote
+    if promo is None:
+        return
+    from peftray.registry import MetricGate, promote
+
+    gate = None
+    if promo.gate:
+        gate = MetricGate(metric=promo.gate.metric, higher_is_better=promo.gate.mode == "max",
+                          threshold=promo.gate.threshold, no_worse_than_current=promo.gate.no_worse_than_current)
+    try:
+        promote(out.model_name, out.version, promo.alias, gate=gate, actor="peftray-train",
+                reason=f"job {spec.name}", config=cfg)
+        out.promoted_alias = promo.alias
+    except GateError as exc:  # the adapter is trained and registered; only the alias did not move
+        out.promotion_error = str(exc)

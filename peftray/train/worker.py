@@ -1,0 +1,95 @@
+"""The Ray Train side of the loop: a `LoopContext` backed by `ray.train`, and the per-worker entry point.
+
+Metrics go to `ray.train.report` on every rank (Ray keeps rank 0's) and to the job's single MLflow run
+from rank 0 only; checkpoints are uploaded by Ray Train to the run's storage (S3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftray.spec import JobSpec
+from peftray.train.loop import LoopContext, train
+
+
+def worker_device(spec: JobSpec) -> torch.device:
+    if spec.resources.use_tpu:
+        import torch_xla.core.xla_model as xm
+
+        return xm.xla_device()
+    if spec.resources.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+class MlflowLogger:
+    """Logs a metrics dict to one MLflow run, batched into one request per call."""
+
+    def __init__(self, run_id: str | None, config=None) -> None:
+        self.run_id = run_id
+        self.client = None
+        if run_id:
+            from peftray.registry.client import mlflow_client
+
+            self.client = mlflow_client(config)
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+
+def _report(metrics: dict[str, Any], folder: Path | None) -> None:
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
+    step = int(metrics.get("step", 0)) if folder else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:06d}" if folder else None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)  # uploaded synchronously; the local copy is not needed
+
+
+@contextlib.contextmanager
+def _latest_checkpoint():
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as folder:
+        yield folder
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`: `loop_config` = {spec, env, run_id}."""
+    import ray.train
+
+    from peftray.config import load_config
+
+    os.environ.update(loop_config.get("env") or {})
+    spec = JobSpec.model_validate(loop_config["spec"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    cfg = load_config()
+    ctx = LoopContext(
+        rank=rank, world_size=context.get_world_size(), device=worker_device(spec),
+        report=_report, resume_from=_latest_checkpoint,
+        log=MlflowLogger(loop_config.get("run_id") if rank == 0 else None, cfg), config=cfg,
+        workdir=Path(tempfile.gettempdir()),
+    )
+    train(spec, ctx)
