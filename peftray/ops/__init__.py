@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftray.ops.lora import lora_delta, stack_lora_weights
+from peftray.ops.lora import lora_delta, new_stacked_b, stack_lora_weights
 from peftray.ops.plan import RowPlan
 
-__all__ = ["RowPlan", "lora_delta", "stack_lora_weights"]
+__all__ = ["RowPlan", "lora_delta", "new_stacked_b", "stack_lora_weights"]

@@ -48,8 +48,10 @@ def test_matches_float64_rows(name, lead):
         got = lora_delta(x, a, b, scaling, plan)
         base = torch.randn(*x.shape[:-1], 20)
         summed = lora_delta(x, a, b, scaling, plan, out=base.clone())
+        plain_b = lora_delta(x, a, b.contiguous(), scaling, plan)  # a plainly laid out b works the same
     want = reference(x, adapters, slots)
     assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(plain_b.double(), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(summed.double(), base.double() + want, atol=1e-4, rtol=1e-4)
 

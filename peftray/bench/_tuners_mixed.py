@@ -1,0 +1,108 @@
+"""Mixed-adapter sections of `peftray bench tuners`: decode-like step, prefill, logits, and the bare kernel.
+
+One base model, 16 LoRA adapters (r=16 on q,k,v,o,gate,up,down, random non-zero A and B), loaded in HF PEFT
+and (same weights) in peftray; rows are spread over the adapters round-robin, so they are not pre-grouped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peftray.bench._tuners_setup import (PROJECTIONS, build_base, copy_lora_weights, lora_pair, median_ms,
+                                         randomize_lora, time_interleaved)
+
+N_ADAPTERS, RANK = 16, 16
+
+
+class MixedModels:
+    """The base model alone, and HF PEFT / peftray with the same 16 adapters, all in eval mode."""
+
+    def __init__(self, seed: int):
+        self.base = build_base(seed).eval()
+        self.names = [f"a{i}" for i in range(N_ADAPTERS)]
+        kwargs = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=list(PROJECTIONS))
+        self.hf, self.ours = lora_pair(self.base, kwargs, self.names)
+        randomize_lora(self.hf, seed)
+        copy_lora_weights(self.hf, self.ours)
+        self.hf.eval()
+        self.ours.eval()
+
+    def row_names(self, rows: int) -> list[str]:
+        return [self.names[i % N_ADAPTERS] for i in range(rows)]
+
+    def single(self, model, ids):
+        model.set_adapter(self.names[0])
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _ids(seed: int, rows: int, tokens: int) -> torch.Tensor:
+    return torch.randint(0, 4096, (rows, tokens), generator=torch.Generator().manual_seed(seed + 7))
+
+
+def run_forward(models: MixedModels, seed: int, rows: int, tokens: int, repeats: int, warmup: int) -> dict:
+    """Median forward time of: base alone, each side with one adapter, each side with adapter_names."""
+    ids, names = _ids(seed, rows, tokens), models.row_names(rows)
+    fns = {
+        "base": lambda: models.base(input_ids=ids, use_cache=False).logits,
+        "hf_peft_1": lambda: models.single(models.hf, ids),
+        "peftray_1": lambda: models.single(models.ours, ids),
+        "hf_peft_mixed": lambda: models.hf(input_ids=ids, adapter_names=names, use_cache=False).logits,
+        "peftray_mixed": lambda: models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits,
+    }
+    with torch.inference_mode():
+        times = time_interleaved(fns, repeats, warmup)
+    return {name: {"ms": median_ms(t), "tokens_per_s": rows * tokens / (median_ms(t) / 1000)}
+            for name, t in times.items()}
+
+
+def logits_diff(models: MixedModels, seed: int, rows: int, tokens: int) -> dict:
+    """Max |logits| difference, mixed batch, HF PEFT vs peftray; plus a check that mixing changes the output."""
+    ids, names = _ids(seed, rows, tokens), models.row_names(rows)
+    with torch.inference_mode():
+        hf = models.hf(input_ids=ids, adapter_names=names, use_cache=False).logits
+        ours = models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits
+        base = models.base(input_ids=ids, use_cache=False).logits
+    return {"max_abs_diff": float((hf - ours).abs().max()), "adapters_vs_base_max_abs": float((hf - base).abs().max())}
+
+
+def run_kernel(seed: int, repeats: int, warmup: int, n_in: int = 512, n_out: int = 1376) -> dict:
+    """One gate_proj-sized layer: peftray's lora_delta vs a per-adapter loop vs HF PEFT's per-layer loop."""
+    from peftray.ops import RowPlan, lora_delta
+    from peftray.ops import lora as lora_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(N_ADAPTERS, RANK, n_in, generator=gen) * 0.02
+    b = torch.randn(N_ADAPTERS, n_out, RANK, generator=gen) * 0.02
+    scaling = torch.full((N_ADAPTERS,), 2.0)
+    weight = torch.randn(n_out, n_in, generator=gen) * 0.02
+    out = {}
+    for label, rows, tokens in (("decode 32x1", 32, 1), ("prefill 16x128", 16, 128)):
+        x = torch.randn(rows, tokens, n_in, generator=gen)
+        slots = [i % N_ADAPTERS for i in range(rows)]
+        names = [f"a{s}" for s in slots]
+        plan = RowPlan.from_indices(slots)
+        fns = {
+            "base F.linear": lambda: F.linear(x, weight),
+            "lora_delta": lambda: lora_delta(x, a, b, scaling, plan),
+            "lora_delta(out=base)": lambda: lora_delta(x, a, b, scaling, plan, out=F.linear(x, weight)),
+            "segment loop (sorted once)": lambda: lora_ops._scatter(
+                lora_ops._segments(x, a, b, scaling, plan), "active", plan),
+            "HF-style loop (rows found per layer)": lambda: _hf_style(x, a, b, scaling, names, weight),
+            "plan build (once per forward)": lambda: RowPlan.from_indices(slots),
+        }
+        with torch.inference_mode():
+            times = time_interleaved(fns, repeats, warmup)
+        out[label] = {name: median_ms(t) for name, t in times.items()}
+    return out
+
+
+def _hf_style(x, a, b, scaling, names, weight):
+    """HF PEFT's LoraLayer._mixed_batch_forward, on bare tensors (base + per-adapter sub-batch loop)."""
+    result = F.linear(x, weight)
+    for adapter in set(names):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        slot = int(adapter[1:])
+        sub = x[rows]
+        result[rows] += F.linear(F.linear(sub, a[slot]), b[slot]) * scaling[slot]
+    return result

@@ -1,0 +1,154 @@
+"""`peftray bench tuners`: peftray's LoRA against Hugging Face PEFT, side by side in one process (issue 3).
+
+Same Llama-architecture model (hidden 512, 4 layers, vocab 4096, 8 heads / 4 kv heads, intermediate 1376,
+random init from a seed), same data, fp32, the same `torch.set_num_threads` for every variant:
+
+1. training step (4 x 256 tokens, LoRA r=16 on all linear layers, AdamW): full fine-tuning vs HF PEFT vs
+   peftray; tokens/s, loss curves (identical init), peak RSS per variant in a fresh subprocess;
+2. mixed-adapter decode-like step (32 rows x 1 token, 16 adapters): base alone vs HF PEFT vs peftray;
+3. mixed prefill (16 rows x 128 tokens, 16 adapters) and each side with one adapter;
+4. the mixed batch's logits, HF PEFT vs peftray;
+plus the bare kernel on one gate_proj-sized layer. Prints a table and writes bench-results/tuners.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from peftray.bench._tuners_setup import CLOCK, CLOCKS, table
+
+GOALS = {
+    "train_tokens_per_s_vs_hf": 1.15, "train_loss_max_abs_diff": 1e-4, "decode_speedup_vs_hf": 2.0,
+    "decode_vs_base": 1.6, "prefill_vs_hf": 1.0, "prefill_16_vs_1_adapter": 0.9, "logits_max_abs_diff": 1e-3,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="peftray bench tuners", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few repeats and no memory subprocesses: a smoke run")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time (default), or process CPU time: steadier on a loaded machine, use with --threads 1")
+    p.add_argument("--sections", default="train,decode,prefill,logits,kernel",
+                   help="comma-separated subset of: train,decode,prefill,logits,kernel")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    p.add_argument("--out", default="bench-results/tuners.json", help="where to write the JSON results")
+    args = p.parse_args(argv)
+    unknown = set(args.sections.split(",")) - {"train", "decode", "prefill", "logits", "kernel"}
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}; choose from train,decode,prefill,logits,kernel")
+    return args
+
+
+def repeats(args) -> dict[str, tuple[int, int]]:
+    """(repeats, warmup) per section; training keeps 10 timed steps (the loss curve) unless --quick."""
+    if args.quick:
+        return {"train": (3, 1), "decode": (5, 2), "prefill": (2, 1), "kernel": (10, 3)}
+    return {"train": (10, 2), "decode": (30, 5), "prefill": (5, 1), "kernel": (50, 10)}
+
+
+def run(args) -> dict:
+    from peftray.bench import _tuners_mixed as mixed
+    from peftray.bench import _tuners_train as train
+
+    torch.set_num_threads(args.threads)
+    CLOCK["now"] = CLOCKS[args.clock]
+    sections, reps = args.sections.split(","), repeats(args)
+    results: dict = {"config": {"threads": args.threads, "seed": args.seed, "quick": args.quick, "clock": args.clock,
+                                "load_avg_at_start": os.getloadavg()[0],
+                                "torch": torch.__version__, "machine": platform.machine(),
+                                "cpus": os.cpu_count(), "repeats": reps}}
+    if "train" in sections:
+        n, w = reps["train"]
+        results["train"] = train.run(args.seed, n, w, args.threads, memory=not (args.quick or args.no_memory))
+    if any(s in sections for s in ("decode", "prefill", "logits")):
+        models = mixed.MixedModels(args.seed)
+        if "decode" in sections:
+            results["decode"] = mixed.run_forward(models, args.seed, 32, 1, *reps["decode"])
+        if "prefill" in sections:
+            results["prefill"] = mixed.run_forward(models, args.seed, 16, 128, *reps["prefill"])
+        if "logits" in sections:
+            results["logits"] = mixed.logits_diff(models, args.seed, 16, 128)
+        del models
+    if "kernel" in sections:
+        results["kernel"] = mixed.run_kernel(args.seed, *reps["kernel"])
+    results["goals"] = check_goals(results)
+    return results
+
+
+def check_goals(r: dict) -> list[dict]:
+    """Each goal of issue 3 that the run measured: value, target, met."""
+    rows = []
+
+    def goal(name: str, value: float, met: bool) -> None:
+        rows.append({"goal": name, "value": round(value, 6), "target": GOALS[name], "met": bool(met)})
+
+    if "train" in r:
+        t = r["train"]
+        goal("train_tokens_per_s_vs_hf", t["peftray"]["tokens_per_s"] / t["hf_peft"]["tokens_per_s"],
+             t["peftray"]["tokens_per_s"] >= GOALS["train_tokens_per_s_vs_hf"] * t["hf_peft"]["tokens_per_s"])
+        goal("train_loss_max_abs_diff", t["loss_max_abs_diff"], t["loss_max_abs_diff"] <= 1e-4)
+    if "decode" in r:
+        d = r["decode"]
+        speedup = d["hf_peft_mixed"]["ms"] / d["peftray_mixed"]["ms"]
+        goal("decode_speedup_vs_hf", speedup, speedup >= GOALS["decode_speedup_vs_hf"])
+        vs_base = d["peftray_mixed"]["ms"] / d["base"]["ms"]
+        goal("decode_vs_base", vs_base, vs_base <= GOALS["decode_vs_base"])
+    if "prefill" in r:
+        p = r["prefill"]
+        vs_hf = p["hf_peft_mixed"]["ms"] / p["peftray_mixed"]["ms"]
+        goal("prefill_vs_hf", vs_hf, vs_hf >= GOALS["prefill_vs_hf"])
+        mix_vs_one = p["peftray_1"]["ms"] / p["peftray_mixed"]["ms"]
+        goal("prefill_16_vs_1_adapter", mix_vs_one, mix_vs_one >= GOALS["prefill_16_vs_1_adapter"])
+    if "logits" in r:
+        diff = r["logits"]["max_abs_diff"]
+        goal("logits_max_abs_diff", diff, diff < GOALS["logits_max_abs_diff"])
+    return rows
+
+
+def render(r: dict) -> str:
+    rows = []
+    for section, unit in (("train", "4x256 tok"), ("decode", "32x1 tok"), ("prefill", "16x128 tok")):
+        for name, v in r.get(section, {}).items():
+            if isinstance(v, dict) and "ms" in v:
+                mem = v.get("memory", {}).get("peak_rss_mib", "")
+                rows.append([section, name, f"{v['ms']:.1f}", f"{v['tokens_per_s']:.0f}", unit, mem])
+    out = [table(["section", "variant", "median ms", "tokens/s", "batch", "peak RSS MiB"], rows)]
+    for label, times in r.get("kernel", {}).items():
+        out.append(f"\nkernel, one 512->1376 layer, 16 adapters r=16, {label}:")
+        out.append(table(["variant", "median ms"], [[k, f"{v:.3f}"] for k, v in times.items()]))
+    if "logits" in r:
+        out.append(f"\nlogits (16x128 mixed): max |HF PEFT - peftray| = {r['logits']['max_abs_diff']:.2e} "
+                   f"(adapters move logits by up to {r['logits']['adapters_vs_base_max_abs']:.2f} vs base)")
+    if "train" in r:
+        out.append(f"train loss curves: max |HF PEFT - peftray| = {r['train']['loss_max_abs_diff']:.2e}")
+    out.append("\n" + table(["goal", "value", "target", "met"],
+                            [[g["goal"], f"{g['value']:.4g}", g["target"], "yes" if g["met"] else "NO"]
+                             for g in r["goals"]]))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; write the JSON. Returns 0 (a missed goal is a result, not an error)."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    results = run(args)
+    results["config"]["wall_s"] = round(time.perf_counter() - start, 1)
+    print(render(results))
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path} ({results['config']['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
