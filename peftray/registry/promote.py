@@ -64,7 +64,8 @@ def promote(name: str, version: int, alias: str, *, gate: MetricGate | None = No
         entry.update(gate=gate.to_dict() if gate else None, serving_base=serving_base)
         try:
             check_base(cand, alias, serving_base)
-            entry["checks"] = check_gate(gate, cand, alias, get_version(client, name, current) if current else None)
+            holder = get_version(client, name, current) if current and gate and gate.no_worse_than_current else None
+            entry["checks"] = check_gate(gate, cand, alias, holder)
         except GateError as exc:
             entry.update(action=REFUSED, error=str(exc))
             if log.append(entry):

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -159,9 +160,11 @@ def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_
     made: dict = {"run": None, "model": False, "s3": None, "run_id": run_id, "source": None}
     try:
         if run_id is None:
-            made["run"] = made["run_id"] = _new_run(client, name, vtags.get(t.TAG_JOB), metrics, vtags)
-        with mlflow_errors(f"MLflow run {made['run_id']!r}", "Pass the run_id of an existing run, or none."):
-            run = client.get_run(made["run_id"])
+            run = _new_run(client, name, vtags.get(t.TAG_JOB), metrics, vtags)
+            made["run"] = made["run_id"] = run.info.run_id
+        else:
+            with mlflow_errors(f"MLflow run {run_id!r}", "Pass the run_id of an existing run, or none."):
+                run = client.get_run(run_id)
         # A fresh folder per attempt: a failed attempt's cleanup never touches another version's files.
         artifact_path = f"adapters/{name}/{info.content_sha256[:12]}-{uuid.uuid4().hex[:8]}"
         made["source"] = source = f"{run.info.artifact_uri}/{artifact_path}"
@@ -179,17 +182,27 @@ def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_
         raise
 
 
-def _new_run(client, name: str, job_name: str | None, metrics: dict[str, float], vtags: dict[str, str]) -> str:
-    exp = client.get_experiment_by_name(REGISTRY_EXPERIMENT)
-    exp_id = exp.experiment_id if exp else _create_experiment(client)
-    run = client.create_run(exp_id, run_name=f"register-{job_name or name}",
+def _new_run(client, name: str, job_name: str | None, metrics: dict[str, float], vtags: dict[str, str]):
+    """A run in the registry experiment holding the artifacts (and, for the MLflow UI, metrics and params)."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(_experiment_id(client), run_name=f"register-{job_name or name}",
                             tags={"peftray.registered_model": name})
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    for key in (t.TAG_BASE_MODEL, t.TAG_METHOD, t.TAG_RANK):
-        if key in vtags:
-            client.log_param(run.info.run_id, key.removeprefix(t.T), vtags[key])
-    return run.info.run_id
+    now = int(time.time() * 1000)
+    params = [Param(k.removeprefix(t.T), vtags[k]) for k in (t.TAG_BASE_MODEL, t.TAG_METHOD, t.TAG_RANK) if k in vtags]
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params)
+    return run
+
+
+_EXPERIMENT_IDS: dict[str, str] = {}  # tracking URI -> id of the registry experiment (it is never renamed)
+
+
+def _experiment_id(client) -> str:
+    key = client.tracking_uri
+    if key not in _EXPERIMENT_IDS:
+        exp = client.get_experiment_by_name(REGISTRY_EXPERIMENT)
+        _EXPERIMENT_IDS[key] = exp.experiment_id if exp else _create_experiment(client)
+    return _EXPERIMENT_IDS[key]
 
 
 def _create_experiment(client) -> str:
