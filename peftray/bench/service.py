@@ -1,0 +1,187 @@
+"""`peftray bench service`: the control plane's overhead, each number beside its baseline from the same run.
+
+1. Submit-to-first-training-step latency of a tiny LoRA job: through the service (POST /v1/jobs, scheduler,
+   Ray Jobs API, trainer) vs. the same entrypoint handed straight to Ray's `JobSubmissionClient`.
+2. API latency p50/p99 under 8 concurrent clients (200 submissions + 200 listings, validation and storage
+   only: the service admits nothing) vs. the service's no-op `/healthz` under the same load.
+
+Uses the running local stack (`peftray stack up`), or starts a temporary one. Writes bench-results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from peftray.cli.table import table
+from peftray.config import load_config
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _tiny_spec(name: str, model: Path, data: Path) -> dict[str, Any]:
+    return {"name": name, "base_model": {"path": str(model)},
+            "adapter": {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "dataset": {"source": str(data), "format": "instruction", "max_seq_len": 32},
+            "training": {"max_steps": 3, "batch_size": 4}, "resources": {"num_workers": 1},
+            "registry": {"model_name": name}}
+
+
+def _first_step_direct(svc_settings, spec: dict[str, Any]) -> float:
+    """Baseline: the trainer entrypoint submitted straight to Ray; seconds until its first progress line."""
+    from peftray.service.executor import RayExecutor
+
+    ex = RayExecutor(svc_settings)
+    job_id = "bench-" + uuid.uuid4().hex[:8]
+    t0 = time.perf_counter()
+    ray_id = ex.submit(job_id, "bench", spec)
+    while "PEFTRAY_PROGRESS " not in ex.logs(ray_id):
+        if ex.info(ray_id).status in ("FAILED", "STOPPED"):
+            raise RuntimeError(f"baseline job failed:\n{ex.logs(ray_id)[-3000:]}")
+        time.sleep(0.1)
+    took = time.perf_counter() - t0
+    _drain(lambda: ex.info(ray_id).status not in ("PENDING", "RUNNING"))
+    return took
+
+
+def _first_step_service(client, spec: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    job = client.submit(spec)
+    for event in client.events(job["id"], follow=True):
+        if event["kind"] == "progress":
+            took = time.perf_counter() - t0
+            break
+        if event.get("state") in ("failed", "cancelled"):
+            raise RuntimeError(f"service job {job['id']} {event['state']}: {client.get(job['id']).get('error')}")
+    else:
+        raise RuntimeError(f"service job {job['id']} ended without a training step")
+    _drain(lambda: client.get(job["id"])["state"] in ("succeeded", "failed", "cancelled"))
+    return took
+
+
+def _drain(done, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _load(url: str, token: str, spec: dict[str, Any], clients: int, per_client: int) -> dict[str, list[float]]:
+    """8 clients: each POSTs a job and lists jobs `per_client` times, then hits /healthz as many times."""
+    lat: dict[str, list[float]] = {"submit": [], "list": [], "healthz": []}
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            for n in range(per_client):
+                for kind, call in (("submit", lambda: http.post("/v1/jobs", json={**spec, "name": f"load-{i}-{n}"})),
+                                   ("list", lambda: http.get("/v1/jobs", params={"limit": 20}))):
+                    t0 = time.perf_counter()
+                    call().raise_for_status()
+                    with lock:
+                        lat[kind].append(time.perf_counter() - t0)
+            for _ in range(2 * per_client):
+                t0 = time.perf_counter()
+                http.get("/healthz").raise_for_status()
+                with lock:
+                    lat["healthz"].append(time.perf_counter() - t0)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(work, range(clients)))
+    return lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftray bench service", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--submissions", type=int, default=200, help="total POSTs under load")
+    parser.add_argument("--repeats", type=int, default=1, help="first-step measurements per side")
+    parser.add_argument("--out", default="bench-results/service.json")
+    args = parser.parse_args(argv)
+    with _stack() as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-service-") as tmp:
+        result = _run(cfg, Path(tmp), args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    _print(result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+class _stack:
+    """The running local stack, or a temporary one for the benchmark's duration."""
+
+    def __enter__(self):
+        from peftray import stack
+
+        self.tmp = None
+        if not stack.status().running:
+            self.tmp = tempfile.mkdtemp(prefix="peftray-bench-stack-")
+            stack.up(stack.Options(state_dir=Path(self.tmp), ray_num_cpus=8), progress=print)
+        cfg = load_config(self.tmp)
+        cfg.apply_env()
+        return cfg
+
+    def __exit__(self, *exc):
+        if self.tmp:
+            from peftray import stack
+
+            stack.down(self.tmp)
+
+
+def _run(cfg, tmp: Path, args) -> dict[str, Any]:
+    from peftray.models import make_tiny_llama
+    from peftray.service.client import ServiceClient
+    from peftray.service.process import start_service
+    from peftray.service.settings import ServiceSettings
+
+    model = make_tiny_llama(tmp / "tiny-llama")
+    data = Path(__file__).resolve().parents[2] / "jobs" / "data" / "tiny_instruct.jsonl"
+    spec = _tiny_spec(f"bench-{uuid.uuid4().hex[:6]}", model, data)
+    settings = ServiceSettings(config=cfg, db_url="sqlite://", run_scheduler=False)
+    svc = start_service(tmp / "run", {"PEFTRAY_SERVICE_MAX_RUNNING": "1", "PEFTRAY_SERVICE_POLL_S": "0.2"},
+                        state_dir=cfg.state_dir)
+    direct, served = [], []
+    try:
+        with ServiceClient(svc.url, svc.admin_token) as client:
+            for i in range(args.repeats):  # alternate, so neither side always runs on warmer caches
+                direct.append(_first_step_direct(settings, {**spec, "name": f"{spec['name']}-d{i}"}))
+                served.append(_first_step_service(client, {**spec, "name": f"{spec['name']}-s{i}"}))
+    finally:
+        svc.stop()
+    idle = start_service(tmp / "load", {"PEFTRAY_SERVICE_MAX_RUNNING": "0"}, state_dir=cfg.state_dir)
+    try:
+        lat = _load(idle.url, idle.admin_token, spec, args.clients, max(1, args.submissions // args.clients))
+    finally:
+        idle.stop()
+    api = {k: {"n": len(v), "p50_ms": 1000 * _pct(v, 0.5), "p99_ms": 1000 * _pct(v, 0.99)} for k, v in lat.items()}
+    return {
+        "first_step_s": {"service": statistics.median(served), "direct_ray_jobs": statistics.median(direct),
+                         "ratio": statistics.median(served) / statistics.median(direct),
+                         "service_runs": served, "direct_runs": direct},
+        "api_latency": api, "clients": args.clients,
+        "ratios_vs_healthz_p50": {k: api[k]["p50_ms"] / api["healthz"]["p50_ms"] for k in ("submit", "list")},
+    }
+
+
+def _print(r: dict[str, Any]) -> None:
+    fs = r["first_step_s"]
+    print(table(["submit -> first training step", "seconds"], [
+        ("through the service", f"{fs['service']:.2f}"), ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
+        ("ratio service / baseline", f"{fs['ratio']:.2f}")]))
+    print()
+    rows = [(k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}") for k, v in r["api_latency"].items()]
+    print(table([f"API under {r['clients']} clients", "requests", "p50 ms", "p99 ms"], rows))
+    print("p50 vs /healthz (baseline): " + ", ".join(f"{k} x{v:.1f}" for k, v in r["ratios_vs_healthz_p50"].items()))

@@ -1,0 +1,34 @@
+"""`peftray bench tuners` is reachable and parses its flags (the benchmark itself is not a test: it takes minutes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftray.bench import tuners
+from peftray.cli import bench as bench_cli
+from peftray.cli import build_parser
+
+
+def test_parser_defaults_and_flags():
+    args = tuners.parse_args(["--quick", "--threads", "2", "--sections", "decode,logits", "--clock", "cpu"])
+    assert args.quick and args.threads == 2 and args.sections == "decode,logits" and args.clock == "cpu"
+    assert tuners.parse_args([]).out == "bench-results/tuners.json"
+
+
+def test_parser_rejects_unknown_section(capsys):
+    with pytest.raises(SystemExit):
+        tuners.parse_args(["--sections", "decode,warp"])
+    assert "warp" in capsys.readouterr().err
+
+
+def test_cli_dispatches_area_and_its_flags():
+    args = build_parser(only="bench").parse_args(["bench", "tuners", "--quick", "--sections", "kernel"])
+    assert args.area == "tuners" and args.args == ["--quick", "--sections", "kernel"]
+    assert "tuners" in bench_cli.available()
+
+
+def test_goals_are_judged_from_measurements():
+    measured = {"decode": {"base": {"ms": 10.0}, "hf_peft_mixed": {"ms": 40.0}, "peftray_mixed": {"ms": 15.0}},
+                "logits": {"max_abs_diff": 2e-3}}
+    goals = {g["goal"]: g["met"] for g in tuners.check_goals(measured)}
+    assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": True, "logits_max_abs_diff": False}
