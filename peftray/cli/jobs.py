@@ -44,6 +44,7 @@ def _submit(args) -> int:
     from peftray.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides).model_dump(mode="json")  # fails early, locally, on a bad spec
+    local_paths_absolute(spec)
     with _client(args) as client:
         if args.dry_run:
             client.submit(spec, dry_run=True)
@@ -61,6 +62,20 @@ def _submit(args) -> int:
             raise
         print(summary(job))
         return EXIT.get(job["state"], 1)
+
+
+def local_paths_absolute(spec: dict[str, Any]) -> None:
+    """Make relative paths that exist here absolute: the job's driver does not run in this folder.
+
+    Only `base_model.path` and `dataset.source`, and only when they name an existing local file or folder
+    (a hub id like `gpt2` or an `s3://` URI stays as written).
+    """
+    from pathlib import Path
+
+    for section, key in (("base_model", "path"), ("dataset", "source")):
+        value = (spec.get(section) or {}).get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute() and Path(value).exists():
+            spec[section][key] = str(Path(value).absolute())
 
 
 def follow(client, job_id: str, quiet: bool = False, out=sys.stdout) -> dict[str, Any]:

@@ -1,0 +1,172 @@
+"""Real tiny jobs through a real service process (job store on PostgreSQL), real Ray, MLflow and S3.
+
+One service for the module: at most 2 jobs at once, 1 per user, so a user's second job waits in the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from svc_helpers import launch, tiny_spec
+
+from peftray.errors import NotFoundError
+from peftray.service.client import ServiceClient
+from peftray.stack import procs
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def ray_service(stack, tmp_path_factory, pg_url):
+    folder = tmp_path_factory.mktemp("svc-ray")
+    holder = {"folder": folder, "db_url": pg_url,
+              "svc": launch(stack, folder, db_url=pg_url, max_running=2, max_running_per_user=1)}
+    yield holder
+    holder["svc"].stop()
+
+
+@pytest.fixture(scope="module")
+def clients(ray_service):
+    svc = ray_service["svc"]
+    admin = ServiceClient(svc.url, svc.admin_token)
+    made = {"admin": admin, **{u: ServiceClient(svc.url, admin.create_token(u)) for u in ("alice", "bob")}}
+    yield made
+    for c in made.values():
+        c.close()
+
+
+def _wait(client, job_id, pred, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if pred(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached the condition; last: {job['state']} {job.get('error')}")
+
+
+def _cli_submit(spec: dict, path, svc, token) -> subprocess.Popen:
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PEFTRAY_SERVICE_URL": svc.url, "PEFTRAY_TOKEN": token}
+    return subprocess.Popen([sys.executable, "-m", "peftray", "submit", str(path), "--follow"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ray_client(stack):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(stack.ray_dashboard_url, headers={"Authorization": f"Bearer {stack.ray_auth_token}"})
+
+
+def _train_workers(stack) -> list:
+    from peftray import stack as local_stack
+
+    head = procs.process_of(local_stack.status(stack.state_dir).procs["ray"])
+    found = []
+    for p in procs.tree(head):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except Exception:  # noqa: BLE001 - processes come and go
+            pass
+    return found
+
+
+def test_cli_jobs_succeed_and_fail_one_at_a_time_per_user(stack, ray_service, clients, tiny_model, unique_name,
+                                                          tmp_path):
+    svc, alice = ray_service["svc"], clients["alice"]
+    good = tiny_spec(f"{unique_name}-ok", tiny_model)
+    bad = tiny_spec(f"{unique_name}-bad", tiny_model, dataset={"source": str(tmp_path / "no-such-data.jsonl")})
+    token = alice.http.headers["authorization"].split()[1]
+    ok_cli = _cli_submit(good, tmp_path / "ok.yaml", svc, token)
+    time.sleep(1.0)  # submit order decides queue order
+    bad_cli = _cli_submit(bad, tmp_path / "bad.yaml", svc, token)
+    ok_id, bad_id = _job_id_of(alice, good["name"]), _job_id_of(alice, bad["name"])
+    while (ok := alice.get(ok_id))["state"] not in TERMINAL:  # alice may run one job at a time
+        assert alice.get(bad_id)["state"] == "queued"
+        time.sleep(0.5)
+    ok_out = ok_cli.communicate(timeout=240)[0]
+    assert ok_cli.returncode == 0, ok_out
+    assert "succeeded" in ok_out and f"version {ok['model_version']}" in ok_out
+    assert [t["state"] for t in ok["transitions"]] == ["queued", "starting", "running", "succeeded"]
+    assert ok["created_at"] <= ok["started_at"] <= ok["running_at"] <= ok["finished_at"]
+    assert ok["progress"]["step"] == ok["progress"]["total_steps"] == 4
+    _check_registered(stack, ok)
+    bad_out = bad_cli.communicate(timeout=240)[0]
+    assert bad_cli.returncode == 1, bad_out
+    failed = alice.get(bad_id)
+    assert failed["state"] == "failed" and "no-such-data.jsonl" in failed["error"]
+    assert failed["model_version"] is None
+
+
+def _job_id_of(client, name: str) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        jobs = client.list(name=name)["jobs"]
+        if jobs:
+            return jobs[0]["id"]
+        time.sleep(0.3)
+    raise AssertionError(f"no job named {name}")
+
+
+def _check_registered(stack, job: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from peftray import registry
+
+    run = MlflowClient(stack.mlflow_tracking_uri).get_run(job["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    versions = {v.version: v for v in registry.list_versions(job["model_name"], stack)}
+    assert versions[int(job["model_version"])].run_id == job["mlflow_run_id"]
+
+
+def test_cancel_running_job_stops_ray_and_registers_nothing(stack, clients, tiny_model, unique_name):
+    bob = clients["bob"]
+    spec = tiny_spec(f"{unique_name}-long", tiny_model, training={"max_steps": 100000, "checkpoint_every": 100000})
+    job = bob.submit(spec)
+    running = _wait(bob, job["id"], lambda j: j["state"] == "running" and j["progress"] or j["state"] in TERMINAL)
+    assert running["state"] == "running", running
+    assert _train_workers(stack), "the job's Ray Train worker should be alive while it trains"
+    bob.cancel(job["id"])
+    done = _wait(bob, job["id"], lambda j: j["state"] in TERMINAL, 60)
+    assert done["state"] == "cancelled" and done["reason"] == "cancelled on request"
+    assert str(_ray_client(stack).get_job_info(done["ray_job_id"]).status.value) == "STOPPED"
+    deadline = time.monotonic() + 30
+    while _train_workers(stack) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _train_workers(stack), "cancel must stop the job's workers too"
+    from peftray import registry
+
+    try:
+        assert registry.list_versions(spec["name"], stack) == []
+    except NotFoundError:
+        pass
+
+
+def test_restart_while_running_keeps_tracking(stack, ray_service, clients, tiny_model, unique_name):
+    alice = clients["alice"]
+    job = alice.submit(tiny_spec(f"{unique_name}-restart", tiny_model, training={"max_steps": 12}))
+    _wait(alice, job["id"], lambda j: j["state"] in ("running", *TERMINAL))
+    old = ray_service["svc"]
+    os.kill(old.proc.pid, signal.SIGKILL)  # no graceful shutdown: as after a crash
+    deadline = time.monotonic() + 10
+    while procs.process_of(old.proc) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert str(_ray_client(stack).get_job_info(f"peftray-{job['id']}").status.value) in ("PENDING", "RUNNING")
+    new = launch(stack, ray_service["folder"], admin_token=old.admin_token, db_url=ray_service["db_url"],
+                 max_running=2, max_running_per_user=1)
+    ray_service["svc"] = new
+    again = ServiceClient(new.url, alice.http.headers["authorization"].split()[1])
+    done = _wait(again, job["id"], lambda j: j["state"] in TERMINAL)
+    assert done["state"] == "succeeded", done
+    states = [t["state"] for t in done["transitions"]]
+    assert states == ["queued", "starting", "running", "succeeded"]
+    assert done["model_version"] and done["mlflow_run_id"]
+    again.close()

@@ -1,0 +1,99 @@
+"""The job store on SQLite and PostgreSQL: idempotency, compare-and-set transitions, admission limits, tokens.
+
+Pure database logic: no Ray. Every check runs from many threads at once, because the races are the point.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from peftray.errors import ConflictError, NotFoundError
+from peftray.service.auth import issue_token, token_hash
+from peftray.service.store import ACTIVE, CANCELLED, QUEUED, RUNNING, STARTING, SUCCEEDED, JobStore
+
+SPEC = {"name": "s", "training": {"max_steps": 3}}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        # a fresh schema per test on the session's PostgreSQL database
+        base = request.getfixturevalue("pg_url")
+        schema = f"s{abs(hash(tmp_path)) % 10**8}"
+        with sa.create_engine(base).begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        url = base + f"?options=-csearch_path%3D{schema}"
+    s = JobStore(url)
+    yield s
+    s.close()
+
+
+def test_idempotency_key_creates_one_job_under_concurrent_retries(store):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: store.create_job("alice", "s", SPEC, "key-1"), range(16)))
+    ids = {job.id for job, _ in results}
+    assert len(ids) == 1
+    assert sum(created for _, created in results) == 1
+    assert store.count() == 1
+    # the same key by another user is another job; the same key with another spec is refused
+    assert store.create_job("bob", "s", SPEC, "key-1")[1] is True
+    with pytest.raises(ConflictError, match="key-1"):
+        store.create_job("alice", "s", {**SPEC, "name": "other"}, "key-1")
+    assert store.count() == 2
+
+
+def test_claims_respect_service_and_user_limits(store):
+    made = [store.create_job(owner, "s", SPEC)[0] for owner in ["a", "a", "a", "b", "b", "c"]]
+    with ThreadPoolExecutor(6) as pool:
+        claimed = [j for j in pool.map(lambda _: store.claim_next(max_running=3, max_per_user=2), range(12)) if j]
+    # claims are serialised: the oldest queued jobs whose owners are under the per-user limit win
+    assert sorted(j.id for j in claimed) == sorted([made[0].id, made[1].id, made[3].id])
+    assert all(j.state == STARTING and j.started_at for j in claimed)
+    assert len(store.jobs_in(ACTIVE)) == 3
+    assert store.claim_next(3, 2) is None  # the service is full
+    assert store.transition(made[0].id, SUCCEEDED, "done", ACTIVE)
+    assert store.claim_next(3, 2).id == made[2].id  # a is under its limit again; a's 3rd job is the oldest
+    assert store.claim_next(3, 2) is None
+    assert store.claim_next(max_running=6, max_per_user=2).id == made[4].id
+    assert store.claim_next(max_running=6, max_per_user=2).id == made[5].id
+    assert store.claim_next(max_running=0, max_per_user=5) is None
+
+
+def test_transition_is_compare_and_set(store):
+    job, _ = store.create_job("alice", "s", SPEC)
+    assert store.claim_next(1, 1).id == job.id
+    assert store.transition(job.id, RUNNING, "ray running", [STARTING])
+    assert not store.transition(job.id, RUNNING, "again", [STARTING])  # already running: no second event
+    with ThreadPoolExecutor(2) as pool:
+        won = list(pool.map(lambda st: store.transition(job.id, st, st, ACTIVE), [SUCCEEDED, CANCELLED] * 4))
+    assert sum(won) == 1
+    final = store.get(job.id, with_transitions=True)
+    assert [t["state"] for t in final.transitions] == [QUEUED, STARTING, RUNNING, final.state]
+    assert final.finished_at and final.running_at and final.started_at
+    assert not store.transition(job.id, QUEUED, "back", ACTIVE)  # ended jobs never move again
+    with pytest.raises(NotFoundError):
+        store.get("job-nope")
+
+
+def test_list_is_paginated_newest_first_and_filtered(store):
+    made = [store.create_job("alice" if i % 2 else "bob", f"n{i % 3}", SPEC)[0].id for i in range(7)]
+    page1, cursor = store.list_jobs(limit=3)
+    page2, cursor2 = store.list_jobs(limit=3, before=cursor)
+    page3, cursor3 = store.list_jobs(limit=3, before=cursor2)
+    assert [j.id for j in page1 + page2 + page3] == made[::-1] and cursor3 is None
+    assert {j.owner for j in store.list_jobs(owner="alice")[0]} == {"alice"}
+    assert len(store.list_jobs(name="n0")[0]) == 3
+
+
+def test_tokens_are_stored_as_hashes(store):
+    token = issue_token(store, "alice")
+    assert store.token_owner(token_hash(token)) == ("alice", False)
+    assert store.token_owner(token_hash(token + "x")) is None
+    with store.engine.connect() as conn:
+        dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM api_tokens")) for v in row)
+    assert token not in dump and token_hash(token) in dump
