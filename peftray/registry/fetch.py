@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from peftray.config import Config, load_config
-from peftray.errors import IntegrityError
+from peftray.errors import IntegrityError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.cache import AdapterCache
 from peftray.registry.client import get_config, s3_path_of
@@ -68,10 +68,17 @@ def _download(av: AdapterVersion, missing: dict[str, str], cfg: Config, cache: A
     tmp = cache.tmpdir()
     try:
         s3_root = (av.tags.get(t.TAG_S3_URI) or "").removeprefix("s3://") or s3_path_of(av.source, cfg)
-        if s3_root:
-            _download_s3(cfg, s3_root, list(missing), tmp)
-        else:
-            _download_mlflow(cfg, av.source, tmp)
+        try:
+            if s3_root:
+                _download_s3(cfg, s3_root, list(missing), tmp)
+            else:
+                _download_mlflow(cfg, av.source, tmp)
+        except PeftrayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - network/store errors: say which store, keep the cause
+            where = f"s3://{s3_root} (endpoint {cfg.s3_endpoint_url or 'AWS'})" if s3_root else av.source
+            raise PeftrayError(f"could not download {av.ref} from {where}: {exc}. Check that the object store is "
+                               "reachable and the credentials are right (peftray stack status).") from exc
         for rel, sha in missing.items():
             got = _sha(tmp / rel)
             if got != sha:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from peftray.config import Config
-from peftray.errors import ConfigError, NotFoundError
+from peftray.errors import ConfigError, NotFoundError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.client import REGISTRY_EXPERIMENT, get_config, mlflow_client, mlflow_errors, s3_path_of
 from peftray.registry.types import AdapterVersion
@@ -21,6 +21,7 @@ from peftray.registry.validate import AdapterInfo, validate_adapter_dir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_TAG_PREFIXES = (t.T, t.METRIC_PREFIX)
+_TAG_KEY_RE = re.compile(r"^[\w\-. :/]{1,250}$")
 
 
 def register_adapter(adapter_dir: str | Path, name: str, *, base_model: str | None = None,
@@ -93,6 +94,9 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _check_tags(tags: dict[str, str]) -> dict[str, str]:
     for key in tags:
+        if not _TAG_KEY_RE.match(str(key)):
+            raise ConfigError(f"tag key {key!r} may only hold letters, digits, '_', '-', '.', ' ', ':' and '/' "
+                              "(MLflow's rule for tag names).")
         if str(key).startswith(_RESERVED_TAG_PREFIXES):
             raise ConfigError(f"tag {key!r} uses a prefix peftray reserves ({', '.join(_RESERVED_TAG_PREFIXES)}); "
                               "rename the tag, or pass metrics=... for metrics.")
@@ -157,6 +161,8 @@ def version_tags(info: AdapterInfo, *, base_model, base_revision, job_name, metr
 def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_id: str | None,
             vtags: dict[str, str], description: str | None, metrics: dict[str, float]) -> AdapterVersion:
     """Upload + register; on any failure remove what this call created (run, artifacts, model, version)."""
+    from mlflow.exceptions import MlflowException
+
     made: dict = {"run": None, "model": False, "s3": None, "run_id": run_id, "source": None}
     try:
         if run_id is None:
@@ -177,8 +183,10 @@ def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_
         made["model"] = _ensure_model(client, name)
         mv = client.create_model_version(name, source, run_id=made["run_id"], tags=vtags, description=description)
         return AdapterVersion.from_model_version(mv, aliases=[])
-    except BaseException:
+    except BaseException as exc:
         _undo(client, cfg, name, made)
+        if isinstance(exc, MlflowException):
+            raise PeftrayError(f"MLflow refused registering {name!r} (nothing was kept): {exc}") from exc
         raise
 
 
