@@ -33,6 +33,15 @@ class AdapterLayer(nn.Module):
         self._saved_base: tuple | None = None  # exact copy of the base weights while merged
         self._generation = 0  # bumped whenever an adapter is added or removed
 
+    # Model code sometimes reads `layer.weight` (e.g. T5 checks wo.weight.dtype): show the base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # --- adapters -------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:

@@ -298,6 +298,9 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
 
 
 def _load_module(module: nn.Module, sub: dict[str, torch.Tensor], prefix: str) -> None:
+    # PEFT (bias="all") also writes `<head>.modules_to_save.<p>` and `<head>.original_module.<p>` duplicates:
+    # the first is the head's own tensor, the second the frozen base copy (ignored).
+    sub = {k.removeprefix("modules_to_save."): v for k, v in sub.items() if not k.startswith("original_module.")}
     own = module.state_dict()
     for k, t in sub.items():
         if k not in own:

@@ -20,7 +20,8 @@ def minilm_inputs():
 def logits(model, inputs) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(**inputs).logits.float()
+        out = model(**inputs)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
 
 
 def read_config(path) -> dict:
