@@ -150,12 +150,16 @@ def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: st
         "--backend-store-uri", db_url,
         "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts",
         "--serve-artifacts", "--workers", "2",
+        # uvicorn kills a worker that misses a 5 s health ping; on a busy 2-core machine importing MLflow
+        # takes longer, and the server restarts its workers forever instead of coming up.
+        "--uvicorn-opts", "--timeout-worker-healthcheck 120",
     ]
     return procs.start("mlflow", cmd, opts.state_dir / "logs" / "mlflow.log", env, {"mlflow": port})
 
 
 def wait_mlflow(proc: Proc, url: str) -> None:
-    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=120)
+    # 300 s: on a loaded 2-core machine the two uvicorn workers alone have been seen to take ~90 s to import.
+    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=300)
 
 
 # ---------------------------------------------------------------- Ray head
