@@ -179,7 +179,8 @@ def _run(cfg, tmp: Path, args) -> dict[str, Any]:
 def _print(r: dict[str, Any]) -> None:
     fs = r["first_step_s"]
     print(table(["submit -> first training step", "seconds"], [
-        ("through the service", f"{fs['service']:.2f}"), ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
+        ("through the service", f"{fs['service']:.2f}"),
+        ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
         ("ratio service / baseline", f"{fs['ratio']:.2f}")]))
     print()
     rows = [(k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}") for k, v in r["api_latency"].items()]

@@ -57,7 +57,8 @@ class ServiceSettings:
         try:
             poll_s = float(os.environ.get("PEFTRAY_SERVICE_POLL_S") or 1.0)
         except ValueError:
-            raise ConfigError(f"PEFTRAY_SERVICE_POLL_S must be a number, got {os.environ['PEFTRAY_SERVICE_POLL_S']!r}") from None
+            raw = os.environ["PEFTRAY_SERVICE_POLL_S"]
+            raise ConfigError(f"PEFTRAY_SERVICE_POLL_S must be a number of seconds, got {raw!r}") from None
         return cls(
             config=config,
             db_url=db_url,

@@ -175,7 +175,8 @@ class JobStore:
             with self.engine.begin() as conn:
                 conn.execute(jobs.insert().values(
                     id=job_id, name=name, owner=owner, state=QUEUED, reason="submitted", spec=spec_text,
-                    idempotency_key=idempotency_key, model_name=model_name, cancel_requested=False, created_at=now, updated_at=now))
+                    idempotency_key=idempotency_key, model_name=model_name, cancel_requested=False,
+                    created_at=now, updated_at=now))
                 conn.execute(events.insert().values(job_id=job_id, at=now, kind="state", state=QUEUED,
                                                     reason="submitted"))
         except SAIntegrityError:
@@ -186,8 +187,8 @@ class JobStore:
                 raise ConflictError(
                     f"Idempotency-Key {idempotency_key!r} was already used for job {earlier.id} with a different "
                     "spec. Use a new key for a new job.") from None
-            return earlier, False
-        return self.get(job_id), True
+            return self.get(earlier.id, with_transitions=True), False
+        return self.get(job_id, with_transitions=True), True
 
     def _by_key(self, owner: str, key: str) -> JobRecord:
         with self.engine.connect() as conn:

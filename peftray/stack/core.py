@@ -193,9 +193,12 @@ def _stop_all(st: StackStatus) -> list[str]:
 def down(state_dir: str | Path | None = None) -> list[str]:
     """Stop exactly the processes this stack started. Returns the names of those that were running."""
     sdir = load_config(state_dir).state_dir
+    from peftray.service import process as control_plane  # runs on this stack: stop it first (own lock)
+
+    stopped = ["service"] if control_plane.down(sdir) else []
     with _locked(sdir):
         st = status(sdir)
-        stopped = _stop_all(st)
+        stopped += _stop_all(st)
         data = read_state(sdir)
         if data:
             data["procs"] = {}
