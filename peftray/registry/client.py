@@ -64,6 +64,21 @@ def mlflow_errors(what: str, hint: str = "") -> Iterator[None]:
         raise PeftrayError(f"MLflow refused the request for {what}: {text}") from exc
 
 
+_S3FS: dict[tuple, object] = {}
+
+
+def s3fs_for(config: Config):
+    """An s3fs filesystem for the config's object store, reused across calls in this process.
+
+    Creating one costs a new aiobotocore session and connection pool (~0.3 s), more than downloading a
+    10 MB adapter on a local network; fsspec makes instances fork-safe.
+    """
+    key = (config.s3_endpoint_url, config.aws_access_key_id, config.aws_secret_access_key)
+    if key not in _S3FS:
+        _S3FS[key] = config.s3fs()
+    return _S3FS[key]
+
+
 def boto3_s3(config: Config):
     """A boto3 S3 client for the config's object store (conditional writes for the audit log)."""
     import boto3

@@ -8,6 +8,7 @@ network at all when the reference is an immutable `name/version` (or an AdapterV
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,12 +16,15 @@ from peftray.config import Config, load_config
 from peftray.errors import IntegrityError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.cache import AdapterCache
-from peftray.registry.client import get_config, s3_path_of
+from peftray.registry.client import get_config, s3_path_of, s3fs_for
 from peftray.registry.resolve import parse_ref, resolve
 from peftray.registry.types import AdapterVersion
 from peftray.registry.validate import sha256_file
 
-PART = 8 * 1024 * 1024  # bytes per ranged GET
+# Files are fetched concurrently; a file above MIN_PART is also split into up to PARTS_PER_FILE ranged GETs.
+# Below ~16 MB a split costs more (requests, CPU) than it gains, even on real S3: measured on the local stack,
+# one GET of 10 MB took 54 ms, four parallel ranges 85 ms.
+MIN_PART, PARTS_PER_FILE = 16 << 20, 8
 BATCH_BYTES = 256 * 1024 * 1024  # most bytes held in memory at once
 
 
@@ -70,7 +74,7 @@ def _download(av: AdapterVersion, missing: dict[str, str], cfg: Config, cache: A
         s3_root = (av.tags.get(t.TAG_S3_URI) or "").removeprefix("s3://") or s3_path_of(av.source, cfg)
         try:
             if s3_root:
-                _download_s3(cfg, s3_root, list(missing), tmp)
+                _download_s3(cfg, s3_root, list(missing), tmp, _sizes(av))
             else:
                 _download_mlflow(cfg, av.source, tmp)
         except PeftrayError:
@@ -92,14 +96,22 @@ def _download(av: AdapterVersion, missing: dict[str, str], cfg: Config, cache: A
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sizes(av: AdapterVersion) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in json.loads(av.tags.get(t.TAG_SIZES) or "{}").items()}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def _sha(path: Path) -> str:
     return sha256_file(path) if path.is_file() else "(file missing)"
 
 
-def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path) -> None:
+def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path, sizes: dict[str, int]) -> None:
     """All files in ranged GETs issued concurrently by s3fs, at most BATCH_BYTES in memory at once."""
-    fs = cfg.s3fs()
-    sizes = {k[len(s3_root) + 1:]: int(v["size"]) for k, v in fs.find(s3_root, detail=True).items()}
+    fs = s3fs_for(cfg)
+    if not all(rel in sizes for rel in rels):  # versions registered before sizes were recorded
+        sizes = {k[len(s3_root) + 1:]: int(v["size"]) for k, v in fs.find(s3_root, detail=True).items()}
     parts = []  # (rel, start, end)
     for rel in rels:
         size = sizes.get(rel)
@@ -107,7 +119,8 @@ def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path) -> None:
             continue  # reported by the sha check as missing
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).write_bytes(b"")
-        parts += [(rel, s, min(s + PART, size)) for s in range(0, size, PART)]
+        step = max(MIN_PART, -(-size // PARTS_PER_FILE))
+        parts += [(rel, s, min(s + step, size)) for s in range(0, size, step)]
     batch: list = []
     for part in parts:
         batch.append(part)

@@ -15,7 +15,8 @@ from typing import Iterator
 from peftray.config import Config
 from peftray.errors import ConfigError, NotFoundError, PeftrayError
 from peftray.registry import types as t
-from peftray.registry.client import REGISTRY_EXPERIMENT, get_config, mlflow_client, mlflow_errors, s3_path_of
+from peftray.registry.client import (REGISTRY_EXPERIMENT, get_config, mlflow_client, mlflow_errors, s3_path_of,
+                                     s3fs_for)
 from peftray.registry.types import AdapterVersion
 from peftray.registry.validate import AdapterInfo, validate_adapter_dir
 
@@ -110,7 +111,7 @@ def local_copy(adapter_dir: str | Path, cfg: Config) -> Iterator[Path]:
     if not src.startswith("s3://"):
         yield Path(src)
         return
-    fs = cfg.s3fs()
+    fs = s3fs_for(cfg)
     root = src.removeprefix("s3://").rstrip("/")
     keys = [k for k in fs.find(root) if not k.rstrip("/").endswith("/")]
     if not keys:
@@ -146,6 +147,7 @@ def version_tags(info: AdapterInfo, *, base_model, base_revision, job_name, metr
     tags.update({
         t.TAG_METHOD: user_tags.get("method", info.method), t.TAG_PEFT_TYPE: cfg["peft_type"],
         t.TAG_TARGET_MODULES: json.dumps(info.target_modules), t.TAG_FILES: json.dumps(info.files, sort_keys=True),
+        t.TAG_SIZES: json.dumps(info.sizes, sort_keys=True),
         t.TAG_CONTENT: info.content_sha256,
     })
     optional = {t.TAG_BASE_MODEL: base, t.TAG_BASE_REVISION: revision, t.TAG_TASK_TYPE: cfg.get("task_type"),
@@ -227,7 +229,7 @@ def _uploaded_to_s3(cfg: Config, s3_path: str | None, info: AdapterInfo) -> bool
     if not s3_path or not cfg.s3_endpoint_url and not cfg.aws_access_key_id:
         return False
     try:
-        found = cfg.s3fs().find(s3_path, detail=True)
+        found = s3fs_for(cfg).find(s3_path, detail=True)
     except Exception:  # noqa: BLE001 - a server with another artifact store: fetch goes through MLflow instead
         return False
     sizes = {k[len(s3_path) + 1:]: v.get("size") for k, v in found.items()}
@@ -259,7 +261,7 @@ def _undo(client, cfg: Config, name: str, made: dict) -> None:
     if made["model"]:
         steps.append(lambda: client.search_model_versions(f"name='{name}'") or client.delete_registered_model(name))
     if made["s3"]:
-        steps.append(lambda: cfg.s3fs().rm(made["s3"], recursive=True))
+        steps.append(lambda: s3fs_for(cfg).rm(made["s3"], recursive=True))
     if made["run"]:
         steps.append(lambda: client.delete_run(made["run"]))
     for step in steps:

@@ -47,3 +47,4 @@ def cfg(stack, tmp_path, monkeypatch):
 def lora_dir(tmp_path):
     return lambda name="a", **kw: write_lora(tmp_path / name, **kw)
 
+
