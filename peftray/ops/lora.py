@@ -53,6 +53,8 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: torch
     x3 = x.reshape(bsz, tokens, n_in)
     if plan.n_active * tokens >= _SEGMENT_MIN_TOKENS and plan.padding > _SEGMENT_MIN_PADDING:
         y, layout = _segments(x3, a, b, scaling, plan), "active"
+    elif out is not None and plan.identity and _writable(out, x):
+        return _grouped_into(out, x3, a, b, scaling, plan)
     else:
         y, layout = _grouped(x3, a, b, scaling, plan), "padded"
     if out is None:
@@ -87,15 +89,34 @@ def _used_weights(a, b, scaling, plan: RowPlan, dtype: torch.dtype):
     return aw.to(dtype), bw.to(dtype), sw.to(dtype)
 
 
-def _grouped(x3, a, b, scaling, plan: RowPlan) -> torch.Tensor:
-    """[U * k, T, out] in the padded layout: two bmm's over U groups of k rows."""
+def _grouped_h(x3, a, b, scaling, plan: RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = s * x A^T as [U, kT, r] in the padded layout, and the used B's transposed, [U, r, out]."""
     groups, k, tokens = len(plan.used), plan.group, x3.shape[1]
     aw, bw, sw = _used_weights(a, b, scaling, plan, x3.dtype)
     xg = x3 if plan.identity else x3.index_select(0, plan.pad_gather)
-    h = torch.bmm(xg.view(groups, k * tokens, x3.shape[2]), aw.transpose(1, 2))  # [U, kT, r]
+    h = torch.bmm(xg.reshape(groups, k * tokens, x3.shape[2]), aw.transpose(1, 2))
     h = h.mul_(sw.view(groups, 1, 1)) if not h.requires_grad else h * sw.view(groups, 1, 1)
-    y = torch.bmm(h, bw.transpose(1, 2))  # [U, kT, out]
-    return y.view(groups * k, tokens, y.shape[2])
+    return h, bw.transpose(1, 2)
+
+
+def _grouped(x3, a, b, scaling, plan: RowPlan) -> torch.Tensor:
+    """[U * k, T, out] in the padded layout: two bmm's over U groups of k rows."""
+    h, bt = _grouped_h(x3, a, b, scaling, plan)
+    y = torch.bmm(h, bt)  # [U, kT, out]
+    return y.view(len(plan.used) * plan.group, x3.shape[1], y.shape[2])
+
+
+def _writable(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """`out` can take the term in place: same dtype, contiguous, and autograd does not need it."""
+    return (out.dtype == x.dtype and out.is_contiguous()
+            and not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)))
+
+
+def _grouped_into(out, x3, a, b, scaling, plan: RowPlan) -> torch.Tensor:
+    """Rows already grouped: the second product accumulates straight into `out` (no [B, T, out] temporary)."""
+    h, bt = _grouped_h(x3, a, b, scaling, plan)
+    out.view(len(plan.used), plan.group * x3.shape[1], out.shape[-1]).baddbmm_(h, bt)
+    return out
 
 
 def _segments(x3, a, b, scaling, plan: RowPlan) -> torch.Tensor:
