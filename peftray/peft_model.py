@@ -283,7 +283,7 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     @contextlib.contextmanager
-    def _mixed(self, adapter_names: Optional[list[str]], device: torch.device) -> Iterator[None]:
+    def _mixed(self, adapter_names: Optional[list[str]]) -> Iterator[None]:
         if adapter_names is None:
             yield
             return
@@ -292,20 +292,21 @@ class PeftModel(nn.Module):
         if self._is_prompt or self.active_peft_config.peft_type != PeftType.LORA:
             raise ConfigError("`adapter_names` (mixed-adapter batches) is supported for LoRA adapters only.")
         order = tuple(self.peft_config)
+        device = next(self.parameters()).device
         with mixed_batch(build_mixed_batch(list(adapter_names), order, device)):
             yield
 
     def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         if self._is_prompt and not self._prompt_disabled:
             return self._prompt_forward(*args, **kwargs)
-        with self._mixed(adapter_names, self.device):
+        with self._mixed(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         """`transformers` generate on the adapted model; `adapter_names` picks a LoRA adapter per row."""
         if self._is_prompt and not self._prompt_disabled:
             return self._prompt_generate(*args, **kwargs)
-        with self._mixed(adapter_names, self.device):
+        with self._mixed(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_forward(self, *args, **kwargs):  # pragma: no cover - task subclasses implement it

@@ -148,3 +148,45 @@ def test_qlora_on_4bit_base_matches_peft(tiny_model):
     merged, ref_merged = ours.merge_and_unload(), ref.merge_and_unload()
     assert type(merged.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert (logits(merged, inputs) - logits(ref_merged, inputs)).abs().max() < 1e-4
+
+
+def test_mixed_batch_with_dora_and_embedding_adapters_matches_per_row(llama, tmp_path):
+    """DoRA and embedding LoRA take the per-segment path in mixed batches; rows still equal single-adapter runs."""
+    pytest.importorskip("peftray.ops")
+    kinds = {"dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
+             "emb": dict(target_modules=["embed_tokens", "o_proj"]),
+             "plain": dict(target_modules=["q_proj", "down_proj"], r=8)}
+    model = None
+    for seed, (name, kw) in enumerate(kinds.items()):
+        torch.manual_seed(seed)
+        cfg = peftray.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **{"r": 4, **kw})
+        peftray.get_peft_model(llama(), cfg).save_pretrained(tmp_path / name)
+        if model is None:
+            model = peftray.PeftModel.from_pretrained(llama(), tmp_path / name, adapter_name=name)
+        else:
+            model.load_adapter(tmp_path / name, adapter_name=name)
+    ids = torch.cat([llama_inputs()["input_ids"]] * 2)
+    names = ["emb", "dora", "__base__", "plain"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        with torch.no_grad(), (model.disable_adapter() if name == "__base__" else _active(model, name)):
+            single = model(input_ids=ids[row:row + 1]).logits
+        assert (mixed[row:row + 1] - single).abs().max() < 1e-4, name
+    # generate with per-row adapters = generating each row with its adapter alone
+    gen = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for row, name in enumerate(names):
+        with _active(model, name) if name != "__base__" else model.disable_adapter():
+            alone = model.generate(input_ids=ids[row:row + 1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(gen[row:row + 1], alone), name
+
+
+class _active:
+    def __init__(self, model, name):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.model.set_adapter(self.name)
+
+    def __exit__(self, *exc):
+        return False

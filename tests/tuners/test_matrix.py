@@ -123,3 +123,32 @@ def test_generate_is_greedy_decoding_of_the_adapted_model(cls_name, llama, tmp_p
     out = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
                         do_sample=False)
     assert torch.equal(out, expected)
+
+
+def test_prompt_tuning_text_init_uses_the_tokenizer_like_peft(tiny_model, llama):
+    kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT",
+                  prompt_tuning_init_text="Classify the review:", tokenizer_name_or_path=str(tiny_model))
+    ours = peftray.get_peft_model(llama(), peftray.PromptTuningConfig(**kwargs))
+    ref = peft.get_peft_model(llama(), peft.PromptTuningConfig(**kwargs))
+    got = ours.get_adapter_state_dict()["prompt_embeddings"]
+    assert torch.equal(got, peft.get_peft_model_state_dict(ref)["prompt_embeddings"])
+    # the text's token embeddings, repeated to fill 7 virtual tokens
+    ids = peft_tokenizer_ids(tiny_model, "Classify the review:")
+    ids = (ids * 7)[:7]
+    assert torch.equal(got, llama().get_input_embeddings().weight[ids].detach())
+
+
+def peft_tokenizer_ids(path, text):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+
+
+def test_peftray_imports_neither_peft_nor_services():
+    import subprocess
+    import sys
+
+    code = ("import sys, peftray, peftray.tuners, peftray.peft_model, peftray.adapters; "
+            "bad = [m for m in ('peft', 'ray', 'mlflow', 'boto3', 's3fs') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
