@@ -87,10 +87,13 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     crash_at = int(os.environ.get(CRASH_ENV, "-1"))
     crash_rank = int(os.environ.get("PEFTRAY_TEST_CRASH_RANK", "1"))
     metrics: dict[str, float] = {}
+    seconds = tokens = 0.0  # this attempt's training time and tokens, for the final throughput
     for step in range(start, job.total):
         if step == crash_at and start == 0 and ctx.rank == crash_rank:
             os._exit(17)  # test hook: a worker dying mid-run, before it reports this step
         metrics = train_step(job, ctx, step)
+        seconds += metrics["step_seconds"]
+        tokens += metrics["tokens_per_s"] * metrics["step_seconds"]
         done = step + 1
         t = spec.training
         if t.eval_every and done % t.eval_every == 0 and done < job.total and job.data.eval:
@@ -100,8 +103,9 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
         want_ckpt = done % t.checkpoint_every == 0 and done < job.total
         ctx.report({**metrics, "step": float(done)}, _save(job, ctx, done, metrics) if want_ckpt else None)
     final = {**metrics, **(evaluate(job, ctx) if job.data.eval else {}), "step": float(job.total),
-             "total_steps": float(job.total)}
-    ctx.log(final, job.total)
+             "total_steps": float(job.total), "train_seconds": seconds,
+             "train_tokens_per_s": tokens / seconds if seconds else 0.0}
+    ctx.log({k: v for k, v in final.items() if k.startswith("eval_")}, job.total)  # step metrics are logged
     ctx.report(final, _save(job, ctx, job.total, final))
     return final
 

@@ -1,0 +1,70 @@
+"""Pieces of the loop that need no cluster: schedule, scaling, cluster checks, checkpoint resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from peftray.errors import ConfigError
+from peftray.spec import ResourcesSpec, load_spec
+from peftray.train import check_cluster, scaling_config
+from peftray.train.loop import LoopContext, train
+from peftray.train.schedule import lr_factor
+
+
+def test_lr_schedule_against_closed_form():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == pytest.approx(1.0) and lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def test_scaling_config_cpu_gpu_tpu():
+    cpu = scaling_config(ResourcesSpec(num_workers=2, cpus_per_worker=2, placement_strategy="SPREAD"))
+    assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 2}
+    assert cpu.placement_strategy == "SPREAD"
+    gpu = scaling_config(ResourcesSpec(num_workers=4, use_gpu=True, gpus_per_worker=0.5, accelerator_type="A100"))
+    assert gpu.use_gpu and gpu.resources_per_worker["GPU"] == 0.5 and gpu.accelerator_type == "A100"
+    tpu = scaling_config(ResourcesSpec(num_workers=4, use_tpu=True, topology="2x2x1", accelerator_type="TPU-V6E"))
+    assert tpu.use_tpu and tpu.topology == "2x2x1" and tpu.resources_per_worker.get("TPU", 0) >= 1
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        scaling_config(ResourcesSpec(num_workers=3, use_tpu=True, topology="2x2x1", accelerator_type="TPU-V6E"))
+
+
+def test_use_gpu_without_gpus_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"`resources.use_gpu` is true.*no GPUs.*CPU=8"):
+        check_cluster(ResourcesSpec(use_gpu=True), {"CPU": 8.0, "memory": 1e9})
+    with pytest.raises(ConfigError, match="no TPUs"):
+        check_cluster(ResourcesSpec(use_tpu=True, topology="2x2x1"), {"CPU": 8.0})
+    check_cluster(ResourcesSpec(use_gpu=True), {"CPU": 8.0, "GPU": 1.0})
+
+
+def _ctx(history, checkpoints, resume=None):
+    def report(metrics, folder):
+        history.append(metrics)
+        if folder is not None:
+            checkpoints[int(metrics["step"])] = folder
+
+    return LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=report,
+                       resume_from=lambda: contextlib.nullcontext(resume))
+
+
+def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path):
+    """4 steps straight == 2 steps, checkpoint, a fresh process state resumed from it, 2 more steps."""
+    spec = load_spec("jobs/tiny-lora-instruct.yaml", [
+        f"base_model.path={tiny_model}", "training.max_steps=4", "training.checkpoint_every=2",
+        "training.eval_every=null", "resources.num_workers=1", "adapter.lora_dropout=0.1"])
+    straight, ckpts = [], {}
+    ctx = _ctx(straight, ckpts)
+    ctx.workdir = tmp_path
+    train(spec, ctx)
+    torch.manual_seed(1234)  # a different RNG state: the checkpoint must restore the dropout RNG itself
+    resumed = []
+    ctx2 = _ctx(resumed, {}, resume=ckpts[2])
+    ctx2.workdir = tmp_path
+    train(spec, ctx2)
+    assert [m["loss"] for m in resumed[:2]] == pytest.approx([m["loss"] for m in straight[2:4]], rel=1e-6)
+    assert resumed[-1]["eval_loss"] == pytest.approx(straight[-1]["eval_loss"], rel=1e-6)
