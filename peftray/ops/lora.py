@@ -45,6 +45,7 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: torch
         ValueError: shapes that do not fit together, or a slot >= N.
     """
     _check(x, a, b, scaling, plan, out)
+    plan = plan.on(x.device)
     bsz, n_in = x.shape[0], x.shape[-1]
     lead, n_out = x.shape[:-1], b.shape[1]
     tokens = math.prod(x.shape[1:-1])  # tokens per row (1 for 2-D x)

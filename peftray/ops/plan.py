@@ -11,7 +11,7 @@ host read per forward beats one per layer) and keeps the index tensors both kern
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -52,6 +52,7 @@ class RowPlan:
     pad_valid: Optional[torch.Tensor]
     row_to_pad: torch.Tensor
     used_index: torch.Tensor
+    _copies: dict = field(default_factory=dict, repr=False)  # device -> the same plan there (see `on`)
 
     @classmethod
     def from_indices(cls, idx: Union[torch.Tensor, Sequence[int]],
@@ -127,3 +128,12 @@ class RowPlan:
     def to(self, device: Union[str, torch.device]) -> "RowPlan":
         """The same plan with its index tensors on `device`."""
         return RowPlan._build(list(self.slots), torch.device(device))
+
+    def on(self, device: torch.device) -> "RowPlan":
+        """This plan if its tensors are on `device`, else a copy there, made once and kept (layers of one
+        forward may sit on different devices when a model is split)."""
+        if self.active_rows.device == device:
+            return self
+        if device not in self._copies:
+            self._copies[device] = self.to(device)
+        return self._copies[device]

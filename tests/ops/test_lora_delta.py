@@ -130,3 +130,27 @@ def test_stack_pads_ranks_and_empty_slots():
     a, b, scaling = stack_lora_weights([adapters[0], None, adapters[1]])
     assert a.shape == (3, 5, 6) and b.shape == (3, 3, 5) and scaling.tolist() == [0.5, 0.0, 1.5]
     assert a[0, 2:].abs().sum() == 0 and b[0, :, 2:].abs().sum() == 0 and a[1].abs().sum() == 0
+
+
+def test_plan_follows_the_input_device():
+    plan = RowPlan.from_indices([0, 1])
+    assert plan.on(torch.device("cpu")) is plan
+    devices = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        moved = plan.on(torch.device(dev))
+        assert moved.active_rows.device.type == dev and plan.on(torch.device(dev)) is moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_float64(dtype):
+    slots = [0, 1, 2, -1, 1, 1, 3, -1]
+    adapters = make_adapters([2, 8, 4, 16], 64, 40)
+    a, b, scaling = stack_lora_weights(adapters, dtype=dtype, device=torch.device("cuda"))
+    x = torch.randn(len(slots), 9, 64)
+    with torch.no_grad():
+        got = lora_delta(x.to("cuda", dtype), a, b, scaling, RowPlan.from_indices(torch.tensor(slots, device="cuda")))
+    want = reference(x.to(dtype).float(), [(t[0].to(dtype).float(), t[1].to(dtype).float(), t[2])
+                                           for t in adapters], slots)
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.1, rtol=0.03)
+    torch.testing.assert_close(got.double().cpu(), want, **tol)
