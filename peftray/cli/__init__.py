@@ -14,6 +14,7 @@ from peftray.errors import PeftrayError
 
 # command group -> (module under peftray.cli, one-line help)
 GROUPS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "the whole product on the local stack: train, register, promote and serve two adapters"),
     "bench": ("bench", "run a benchmark against its baseline (tuners, train, registry, service, serve)"),
     "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
     "train": ("train", "train a job spec (YAML) on Ray Train and register the adapter: peftray train job.yaml [k=v ...]"),

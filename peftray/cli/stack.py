@@ -55,6 +55,10 @@ def _status(args) -> int:
 
 
 def _down(args) -> int:
-    stopped = stack.down(_state_dir(args))
+    from peftray.service import process
+
+    # The control plane runs on the stack; stop it first so it does not see its Ray head vanish.
+    service_stopped = process.down(_state_dir(args))
+    stopped = (["service"] if service_stopped else []) + stack.down(_state_dir(args))
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
