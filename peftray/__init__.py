@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 # The PEFT API is imported on first use (PEP 562), so `import peftray` (e.g. by the CLI) does not load torch.
 _LAZY = {
     "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
+    "JobSpec": "peftray.spec", "load_spec": "peftray.spec", "run_job": "peftray.train", "TrainResult": "peftray.train",
     "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model",
     **{name: "peftray.task_models" for name in (
         "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
@@ -30,9 +31,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
-    "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
-    "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig",
-    "PromptTuningInit", "TaskType", "__version__", "get_peft_model", "read_adapter", "register_peft_method",
-    "write_adapter",
+    "IA3Config", "JobSpec", "LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig",
+    "PromptEncoderConfig", "PromptTuningConfig", "PromptTuningInit", "TaskType", "TrainResult", "__version__",
+    "get_peft_model", "load_spec", "read_adapter", "register_peft_method", "run_job", "write_adapter",
 ]

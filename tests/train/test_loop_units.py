@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,7 +55,7 @@ def _ctx(history, checkpoints, resume=None):
                        resume_from=lambda: contextlib.nullcontext(resume))
 
 
-def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path):
+def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path, capsys):
     """4 steps straight == 2 steps, checkpoint, a fresh process state resumed from it, 2 more steps."""
     spec = load_spec("jobs/tiny-lora-instruct.yaml", [
         f"base_model.path={tiny_model}", "training.max_steps=4", "training.checkpoint_every=2",
@@ -61,6 +64,11 @@ def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path):
     ctx = _ctx(straight, ckpts)
     ctx.workdir = tmp_path
     train(spec, ctx)
+    progress = [json.loads(line.split("PEFTRAY_PROGRESS ", 1)[1]) for line in capsys.readouterr().out.splitlines()
+                if "PEFTRAY_PROGRESS " in line]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4] and progress[0]["total_steps"] == 4
+    assert progress[0]["job"] == spec.name and progress[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-5)
+    assert {"lr", "tokens_per_s"} <= set(progress[0])
     torch.manual_seed(1234)  # a different RNG state: the checkpoint must restore the dropout RNG itself
     resumed = []
     ctx2 = _ctx(resumed, {}, resume=ckpts[2])
@@ -68,3 +76,14 @@ def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path):
     train(spec, ctx2)
     assert [m["loss"] for m in resumed[:2]] == pytest.approx([m["loss"] for m in straight[2:4]], rel=1e-6)
     assert resumed[-1]["eval_loss"] == pytest.approx(straight[-1]["eval_loss"], rel=1e-6)
+
+
+def test_entrypoint_and_cli_refuse_a_bad_spec_before_starting_anything(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase_model: y\ndataset: {source: d.jsonl, format: text}\ntraining: {lr: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "peftray.train", "--spec", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown field `training.lr`" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "peftray", "train", "jobs/tiny-qlora.yaml", "training.max_steps=3",
+                           "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "max_steps: 3" in proc.stdout
