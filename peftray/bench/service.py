@@ -143,45 +143,61 @@ class _stack:
 
 def _run(cfg, tmp: Path, args) -> dict[str, Any]:
     from peftray.models import make_tiny_llama
-    from peftray.service.client import ServiceClient
-    from peftray.service.process import start_service
-    from peftray.service.settings import ServiceSettings
 
     model = make_tiny_llama(tmp / "tiny-llama")
     data = Path(__file__).resolve().parents[2] / "jobs" / "data" / "tiny_instruct.jsonl"
     spec = _tiny_spec(f"bench-{uuid.uuid4().hex[:6]}", model, data)
-    settings = ServiceSettings(config=cfg, db_url="sqlite://", run_scheduler=False)
-    svc = start_service(tmp / "run", {"PEFTRAY_SERVICE_MAX_RUNNING": "1", "PEFTRAY_SERVICE_POLL_S": "0.2"},
-                        state_dir=cfg.state_dir)
-    direct, served = [], []
-    try:
-        with ServiceClient(svc.url, svc.admin_token) as client:
-            for i in range(args.repeats):  # alternate, so neither side always runs on warmer caches
-                direct.append(_first_step_direct(settings, {**spec, "name": f"{spec['name']}-d{i}"}))
-                served.append(_first_step_service(client, {**spec, "name": f"{spec['name']}-s{i}"}))
-    finally:
-        svc.stop()
+    result = _api_latency(cfg, tmp, spec, args)
+    result.update(_first_step(cfg, tmp, spec, args.repeats))
+    return result
+
+
+def _api_latency(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
+    from peftray.service.process import start_service
+
     idle = start_service(tmp / "load", {"PEFTRAY_SERVICE_MAX_RUNNING": "0"}, state_dir=cfg.state_dir)
     try:
         lat = _load(idle.url, idle.admin_token, spec, args.clients, max(1, args.submissions // args.clients))
     finally:
         idle.stop()
     api = {k: {"n": len(v), "p50_ms": 1000 * _pct(v, 0.5), "p99_ms": 1000 * _pct(v, 0.99)} for k, v in lat.items()}
-    return {
-        "first_step_s": {"service": statistics.median(served), "direct_ray_jobs": statistics.median(direct),
-                         "ratio": statistics.median(served) / statistics.median(direct),
-                         "service_runs": served, "direct_runs": direct},
-        "api_latency": api, "clients": args.clients,
-        "ratios_vs_healthz_p50": {k: api[k]["p50_ms"] / api["healthz"]["p50_ms"] for k in ("submit", "list")},
-    }
+    return {"api_latency": api, "clients": args.clients,
+            "ratios_vs_healthz_p50": {k: api[k]["p50_ms"] / api["healthz"]["p50_ms"] for k in ("submit", "list")}}
+
+
+def _first_step(cfg, tmp: Path, spec: dict[str, Any], repeats: int) -> dict[str, Any]:
+    from peftray.service.client import ServiceClient
+    from peftray.service.process import start_service
+    from peftray.service.settings import ServiceSettings
+
+    settings = ServiceSettings(config=cfg, db_url="sqlite://", run_scheduler=False)
+    svc = start_service(tmp / "run", {"PEFTRAY_SERVICE_MAX_RUNNING": "1", "PEFTRAY_SERVICE_POLL_S": "0.2"},
+                        state_dir=cfg.state_dir)
+    direct, served = [], []
+    try:
+        with ServiceClient(svc.url, svc.admin_token) as client:
+            for i in range(repeats):  # alternate, so neither side always runs on warmer caches
+                direct.append(_first_step_direct(settings, {**spec, "name": f"{spec['name']}-d{i}"}))
+                served.append(_first_step_service(client, {**spec, "name": f"{spec['name']}-s{i}"}))
+    except RuntimeError as exc:  # a job killed by the machine (e.g. Ray's OOM killer): keep the API numbers
+        return {"first_step_error": str(exc)[:2000]}
+    finally:
+        svc.stop()
+    return {"first_step_s": {
+        "service": statistics.median(served), "direct_ray_jobs": statistics.median(direct),
+        "ratio": statistics.median(served) / statistics.median(direct),
+        "service_runs": served, "direct_runs": direct}}
 
 
 def _print(r: dict[str, Any]) -> None:
-    fs = r["first_step_s"]
-    print(table(["submit -> first training step", "seconds"], [
-        ("through the service", f"{fs['service']:.2f}"),
-        ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
-        ("ratio service / baseline", f"{fs['ratio']:.2f}")]))
+    if "first_step_s" in r:
+        fs = r["first_step_s"]
+        print(table(["submit -> first training step", "seconds"], [
+            ("through the service", f"{fs['service']:.2f}"),
+            ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
+            ("ratio service / baseline", f"{fs['ratio']:.2f}")]))
+    else:
+        print(f"submit -> first training step: not measured ({r.get('first_step_error')})")
     print()
     rows = [(k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}") for k, v in r["api_latency"].items()]
     print(table([f"API under {r['clients']} clients", "requests", "p50 ms", "p99 ms"], rows))

@@ -54,6 +54,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
 
 
+class BodyLimit:
+    """ASGI middleware: refuse (413) any request whose Content-Length exceeds the limit, before reading it.
+
+    `POST /v1/jobs` also counts the bytes of bodies sent without a length (see `intake.read_body`).
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                body = error_body("body_too_large", f"request body is {int(length)} bytes; the limit is "
+                                  f"{self.limit} bytes. Reference datasets and models by path or URI instead.")
+                return await JSONResponse(body, status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def principal(request: Request) -> Principal:
     """FastAPI dependency: the authenticated caller (401 otherwise)."""
     state = request.app.state
@@ -93,6 +112,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="peftray control plane", version="1", lifespan=lifespan,
                   description="Submit, track, cancel and promote parameter-efficient fine-tuning jobs on Ray.")
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _job_routes(app)
     _stream_routes(app)
     adapters_api.install(app, principal)

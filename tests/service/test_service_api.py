@@ -168,3 +168,12 @@ def test_load_200_submissions_from_8_clients(queued_service, users, tiny_model):
     with ThreadPoolExecutor(8) as pool:
         states = list(pool.map(lambda j: admin.cancel(j["id"])["state"], load_jobs))
     assert set(states) == {"cancelled"}
+
+
+def test_oversized_body_without_length_is_refused(queued_service, users):
+    before = _total_jobs(users["admin"])
+    chunks = (b"# padding\n" * 6554 for _ in range(20))  # ~1.3 MB, sent chunked (no Content-Length)
+    r = httpx.post(f"{queued_service.url}/v1/jobs", content=chunks, timeout=30,
+                   headers={"Authorization": f"Bearer {queued_service.admin_token}"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert _total_jobs(users["admin"]) == before
