@@ -1,0 +1,27 @@
+"""Multi-adapter serving on Ray Serve: one base model per application, many adapters, OpenAI-compatible.
+
+    deploy("serve.yaml") -> Deployment(url, api_key)   status() -> {app: {...}}   down(name)
+    GenerationEngine(model, tokenizer, ...)            the continuous-batching engine (no Ray needed)
+
+Importing this package starts nothing; Ray is imported when a function that needs it runs.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "ServeConfig": "peftray.serve.config", "load_serve_config": "peftray.serve.config",
+    "Deployment": "peftray.serve.deploy", "deploy": "peftray.serve.deploy", "status": "peftray.serve.deploy",
+    "down": "peftray.serve.deploy", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
+    "ModelResolver": "peftray.serve.watch",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftray.serve' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,206 @@
+"""The Ray Serve application: an OpenAI ingress in front of engine replicas that multiplex adapters.
+
+    HTTP proxy -> OpenAIIngress (auth, validation, `model` -> name/version, retries) -> AdapterEngine replicas
+
+Requests carry the resolved immutable version (`name/3`) as Serve's multiplexed model id, so Serve routes
+them to a replica that already holds that adapter when one has room, and to any replica otherwise (a hot
+adapter is loaded on several replicas rather than pinned to one). Each engine replica loads the base model
+once and keeps `max_adapters_per_replica` adapters in LRU slots; its continuous-batching engine serves every
+adapter it holds in the same forward passes. Overload is refused at the handle (Serve's queue limit, 429) or
+in the replica (every slot pinned, 503), with Retry-After; a dead replica's requests are retried on another
+one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+from peftray.errors import PeftrayError
+from peftray.serve.config import ServeConfig
+from peftray.serve.openai_api import make_app
+from peftray.serve.slots import OverloadedError
+from peftray.serve.watch import ModelResolver, Target
+
+log = logging.getLogger("peftray.serve")
+_BACKEND: Any = None  # the ingress replica of this process (one per Serve replica process)
+fastapi_app = make_app(lambda: _BACKEND)
+
+
+class TooManyRequests(OverloadedError):
+    code = "rate_limit_exceeded"
+    http_status = 429
+
+
+def _error_event(exc: BaseException) -> dict:
+    status = int(getattr(exc, "http_status", 500)) if isinstance(exc, PeftrayError) else 500
+    msg = str(exc) if isinstance(exc, PeftrayError) else f"internal error in the engine: {type(exc).__name__}: {exc}"
+    return {"error": {"status": status, "message": msg, "code": getattr(exc, "code", "internal_error")}}
+
+
+@serve.deployment(name="AdapterEngine", health_check_period_s=2, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class AdapterEngine:
+    """One replica: the base model once, adapters in LRU slots, a continuous-batching engine."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = ServeConfig.model_validate(spec)
+        self.engine, self.tokenizer = load_engine(self.spec)
+        from ray import serve as _serve
+
+        async def fetch_adapter(key: str) -> str:  # Serve's multiplexing: which replica holds which adapter
+            from peftray.registry import fetch
+
+            return str(await asyncio.to_thread(fetch, key))
+
+        self._adapter_path = _serve.multiplexed(max_num_models_per_replica=self.spec.max_adapters_per_replica)(
+            fetch_adapter)
+
+    async def generate(self, key: Optional[str], job: dict) -> AsyncIterator[dict]:
+        """Run one job (prompt or chat messages + sampling params); yields event dicts, errors as events."""
+        from peftray.serve.engine import SamplingParams
+
+        adapter, row, finished = None, None, False
+        try:
+            if key:
+                path = await self._adapter_path(key)
+                adapter = await asyncio.to_thread(self.engine.slots.acquire, key, path)
+            ids = self._encode(job)
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            try:
+                row = self.engine.submit(ids, SamplingParams(**job["params"]), adapter,
+                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            except BaseException:
+                if adapter is not None:
+                    self.engine.slots.release(adapter)
+                raise
+            while not finished:
+                ev = await queue.get()
+                finished = ev.finished
+                if ev.error is not None:
+                    yield _error_event(ev.error)
+                    return
+                yield {"text": ev.text, "finished": ev.finished, "finish_reason": ev.finish_reason,
+                       "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error for the client
+            if not isinstance(exc, PeftrayError):
+                log.exception("engine request failed")
+            yield _error_event(exc)
+        finally:
+            if row is not None and not finished:
+                self.engine.cancel(row)  # the client went away or timed out: free the row and its slot
+
+    def _encode(self, job: dict) -> list[int]:
+        from peftray.errors import ConfigError
+
+        tok = self.tokenizer
+        if job.get("messages") is not None:
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError("this base model's tokenizer has no chat template; use /v1/completions.")
+            text = tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
+            return tok.encode(text, add_special_tokens=False)
+        prompt = job.get("prompt")
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= int(t) < len(tok)]
+            if bad:
+                raise ConfigError(f"`prompt` has token ids outside the vocabulary (0..{len(tok) - 1}): {bad[:5]}")
+            return [int(t) for t in prompt]
+        return tok.encode(prompt)
+
+    async def stats(self) -> dict:
+        e = self.engine
+        return {"adapters": e.loaded_adapters(), "running": e.running, "queued": e.queued, "steps": e.steps,
+                "tokens": e.tokens, "loads": e.slots.loads, "evictions": e.slots.evictions, "pid": os.getpid()}
+
+    def check_health(self) -> None:
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("the engine thread stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def load_engine(spec: ServeConfig):
+    """(GenerationEngine, tokenizer) for a serve spec: base model on its device and dtype, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftray.serve.engine import GenerationEngine
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype).to(device).eval()
+    engine = GenerationEngine(model, tokenizer, max_batch_size=spec.max_batch_size,
+                              max_queue=spec.max_ongoing_requests, max_adapters=spec.max_adapters_per_replica)
+    return engine, tokenizer
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=2000)
+@serve.ingress(fastapi_app)
+class OpenAIIngress:
+    """The HTTP front: OpenAI routes, the API key, alias resolution, routing to engine replicas."""
+
+    def __init__(self, engine, spec: dict, api_key: Optional[str]) -> None:
+        global _BACKEND
+        self.spec = ServeConfig.model_validate(spec)
+        self.engine = engine
+        self.resolver = ModelResolver(self.spec)
+        self.api_key = api_key
+        self.default_max_tokens = self.spec.default_max_tokens
+        self.request_timeout_s = self.spec.request_timeout_s
+        _BACKEND = self
+
+    async def call(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    async def run(self, target: Target, job: dict) -> AsyncIterator[dict]:
+        """The engine's events for one job; retried on another replica if its replica died before any output."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        for attempt in range(3):
+            started = False
+            handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
+            try:
+                async for ev in handle.generate.remote(target.key, job):
+                    started = True
+                    yield ev
+                return
+            except BackPressureError:
+                raise TooManyRequests("every engine replica is busy and its queue is full (max_ongoing_requests "
+                                      f"{self.spec.max_ongoing_requests}, max_queued_requests "
+                                      f"{self.spec.max_queued_requests}); retry after a moment.") from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+                if started or attempt == 2:
+                    raise OverloadedError(f"the engine replica serving this request died ({type(exc).__name__}); "
+                                          "retry the request.") from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def stats(self) -> dict:
+        return {"ok": True}
+
+
+def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
+    """The bound Serve application for `spec`; `env` reaches every replica (endpoints, credentials)."""
+    runtime_env = {"env_vars": dict(env)}
+    engine_opts: dict[str, Any] = dict(
+        max_ongoing_requests=spec.max_ongoing_requests, max_queued_requests=spec.max_queued_requests,
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": runtime_env})
+    if spec.autoscaling:
+        engine_opts["autoscaling_config"] = spec.autoscaling.model_dump()
+    else:
+        engine_opts["num_replicas"] = spec.num_replicas
+    engine = AdapterEngine.options(**engine_opts).bind(spec.model_dump())
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
+        engine, spec.model_dump(), api_key)

@@ -1,0 +1,99 @@
+"""`serve.yaml`: what one serving application runs (pydantic, `extra="forbid"`: a typo is an error, not a no-op).
+
+    name: tiny                      # Serve application name (also the route prefix's owner)
+    base_model: ./models/tiny-llama # folder or hub id; adapters must have been trained on it
+    adapters: ["*"]                 # what it may serve: "*", "name", "name@alias", "name/3"
+    max_adapters_per_replica: 8     # adapter slots (LRU)
+    max_batch_size: 16              # rows per forward pass
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peftray.errors import ConfigError
+
+
+class Autoscaling(BaseModel):
+    """Replica autoscaling (Ray Serve's `autoscaling_config`); replaces `num_replicas` when given."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    max_replicas: int = Field(2, ge=1, description="most replicas")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica to aim for")
+
+
+class ServeConfig(BaseModel):
+    """One Ray Serve application: a base model and the adapters it may serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("peftray", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", description="Serve application name")
+    base_model: str = Field(..., min_length=1, description="base model folder or hub id, loaded once per replica")
+    model_id: Optional[str] = Field(None, description="the base model's name in the API (default: base_model)")
+    adapters: list[str] = Field(["*"], description='"*" (any adapter trained on base_model), "name", "name@alias", '
+                                                   'or "name/3"')
+    num_replicas: int = Field(1, ge=1, description="engine replicas (ignored when autoscaling is set)")
+    autoscaling: Optional[Autoscaling] = None
+    max_adapters_per_replica: int = Field(8, ge=1, description="adapter slots per replica (LRU eviction)")
+    max_batch_size: int = Field(16, ge=1, description="most rows in one forward pass")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(64, ge=0, description="requests waiting for a replica; beyond: 503")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is cut off (504)")
+    alias_poll_s: float = Field(2.0, gt=0, description="how often aliases are re-read: the promotion bound")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per engine replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (device: cuda)")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per replica")
+    http_port: Optional[int] = Field(None, ge=1, le=65535, description="Serve HTTP port (default: a free one)")
+    api_key: Optional[str] = Field(None, min_length=8, description="bearer key (default $PEFTRAY_SERVE_API_KEY)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if not self.adapters:
+            raise ValueError('adapters must list at least one entry; use ["*"] to serve every adapter of base_model')
+        if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
+            raise ValueError(f"autoscaling.max_replicas ({self.autoscaling.max_replicas}) must be >= "
+                             f"autoscaling.min_replicas ({self.autoscaling.min_replicas})")
+        return self
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or self.base_model
+
+
+def load_serve_config(source: str | Path | dict, overrides: dict | None = None) -> ServeConfig:
+    """Read and validate a serve spec (a YAML path or a dict); relative `base_model` folders are made absolute.
+
+    Raises:
+        ConfigError: unreadable file or invalid fields (each named as written in the file).
+    """
+    where = "serve spec"
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        where = str(source)
+        try:
+            data = yaml.safe_load(Path(source).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read serve spec {where}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}.")
+        base = data.get("base_model")
+        if isinstance(base, str) and base.startswith((".", "/")) is False and (Path(source).parent / base).exists():
+            data["base_model"] = str((Path(source).parent / base).absolute())
+        elif isinstance(base, str) and base.startswith("."):
+            data["base_model"] = str(Path(base).absolute())
+    data.update(overrides or {})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        errs = "; ".join(f"`{'.'.join(str(p) for p in e['loc']) or '(spec)'}`: {e['msg']} (got {e.get('input')!r})"
+                         for e in exc.errors())
+        raise ConfigError(f"{where}: {errs}. Fix the field(s) in the serve spec.") from None

@@ -1,0 +1,167 @@
+"""Adapter slots: a fixed number of adapters held by one replica, least recently used evicted first.
+
+A slot is pinned while a request runs on it, so eviction never pulls an adapter out from under a running
+row (a running request finishes on the version it started with, even after a promotion moved the alias).
+LoRA adapters live inside the engine's PeftModel (one mixed-adapter forward serves them all); prompt
+methods are plain tensors the engine puts in front of the row: virtual token embeddings (prompt tuning,
+P-tuning) or a prefilled key/value prefix (prefix tuning).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+
+from peftray.adapters import io as adapter_io
+from peftray.errors import AdapterFormatError, PeftrayError
+from peftray.tuners.config import PeftType, TaskType, fill_from_model_config
+
+
+class OverloadedError(PeftrayError):
+    """The replica cannot take the request now (queue full, every slot pinned); retry after a moment."""
+
+    code = "overloaded"
+    http_status = 503
+    retry_after_s = 1
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """One adapter in a slot.
+
+    Attributes:
+        key: what it was loaded as: `name/3` for registry versions, else the folder.
+        kind: `lora` (in the mixed-adapter forward), `prompt` (virtual tokens) or `prefix` (KV prefix).
+        internal: the adapter's name inside the engine's PeftModel (LoRA only).
+        prompt: [virtual tokens, hidden] embeddings for `prompt`.
+        prefix: per layer (keys, values) [1, kv_heads, virtual tokens, head_dim] for `prefix`.
+        pins: requests running on it now.
+    """
+
+    key: str
+    kind: str
+    internal: str
+    prompt: Optional[torch.Tensor] = None
+    prefix: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+    pins: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def virtual_tokens(self) -> int:
+        if self.prompt is not None:
+            return int(self.prompt.shape[0])
+        if self.prefix is not None:
+            return int(self.prefix[0][0].shape[2])
+        return 0
+
+
+class AdapterHost(Protocol):
+    """What slots need from the engine: put LoRA weights into its model and take them out again."""
+
+    def add_lora(self, internal: str, config, state: dict) -> None: ...
+
+    def remove_lora(self, internal: str) -> None: ...
+
+    def prompt_tensors(self, config, state: dict) -> tuple[str, object]: ...
+
+
+def internal_name(key: str) -> str:
+    """A module-safe adapter name for `key` (PeftModel names become ModuleDict keys: no dots)."""
+    return "a_" + re.sub(r"[^A-Za-z0-9_]", "_", key)[-80:] + f"_{abs(hash(key)) % 10**8}"
+
+
+class AdapterSlots:
+    """`capacity` adapters at most; `acquire` loads (evicting the LRU unpinned one) and pins, `release` unpins."""
+
+    def __init__(self, host: AdapterHost, capacity: int) -> None:
+        self.host, self.capacity = host, capacity
+        self._slots: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = self.evictions = 0
+
+    def keys(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        with self._lock:
+            return list(self._slots)
+
+    def acquire(self, key: str, folder: str | Path) -> LoadedAdapter:
+        """The adapter `key` pinned for one request, read from `folder` if it is not loaded yet.
+
+        Raises:
+            OverloadedError: every slot holds an adapter that running requests use.
+            AdapterFormatError: not an adapter this engine can serve (IA3, another task, bad tensors).
+        """
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._slots.move_to_end(key)
+                slot.pins += 1
+                return slot
+            if len(self._slots) >= self.capacity:
+                self._evict_one()
+            slot = self._load(key, folder)
+            slot.pins = 1
+            self._slots[key] = slot
+            self.loads += 1
+            return slot
+
+    def release(self, slot: LoadedAdapter) -> None:
+        with self._lock:
+            slot.pins = max(0, slot.pins - 1)
+
+    def _evict_one(self) -> None:
+        victim = next((k for k, s in self._slots.items() if s.pins == 0), None)
+        if victim is None:
+            raise OverloadedError(f"all {self.capacity} adapter slots of this replica hold adapters that running "
+                                  "requests use; retry shortly or raise max_adapters_per_replica in serve.yaml.")
+        slot = self._slots.pop(victim)
+        if slot.kind == "lora":
+            self.host.remove_lora(slot.internal)
+        self.evictions += 1
+
+    def _load(self, key: str, folder: str | Path) -> LoadedAdapter:
+        config, state = adapter_io.read_adapter(str(folder))
+        if config.task_type not in (None, TaskType.CAUSAL_LM):
+            raise AdapterFormatError(f"adapter {key!r} has task_type {config.task_type.value}; only CAUSAL_LM "
+                                     "adapters generate text.")
+        internal = internal_name(key)
+        if config.peft_type == PeftType.LORA:
+            self.host.add_lora(internal, config, state)
+            return LoadedAdapter(key, "lora", internal)
+        if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING):
+            kind, tensors = self.host.prompt_tensors(config, state)
+            if kind == "prompt":
+                return LoadedAdapter(key, kind, internal, prompt=tensors)
+            return LoadedAdapter(key, kind, internal, prefix=tensors)
+        raise AdapterFormatError(f"adapter {key!r} is {config.peft_type.value}, which the serving engine does not "
+                                 "batch; merge it into the base model (merge_and_unload) and serve that, or use LoRA.")
+
+
+def prompt_tensors(config, state: dict, model_config, dtype: torch.dtype, device) -> tuple[str, object]:
+    """(kind, tensors) for a prompt-method adapter, checked against the base model's sizes."""
+    if "prompt_embeddings" not in state:
+        raise AdapterFormatError("adapter file lacks the tensor `prompt_embeddings`.")
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 1
+    fill_from_model_config(config, model_config)
+    emb = state["prompt_embeddings"].to(device=device, dtype=dtype)
+    n = config.num_virtual_tokens
+    if config.peft_type != PeftType.PREFIX_TUNING:
+        hidden = model_config.hidden_size
+        if emb.dim() != 2 or emb.shape[1] != hidden:
+            raise AdapterFormatError(f"`prompt_embeddings` has shape {tuple(emb.shape)} but the base model's hidden "
+                                     f"size is {hidden}: the adapter was made for another base model.")
+        return "prompt", emb
+    heads = config.num_attention_heads
+    want = config.num_layers * 2 * config.token_dim
+    if emb.dim() != 2 or emb.shape != (n, want):
+        raise AdapterFormatError(f"`prompt_embeddings` has shape {tuple(emb.shape)} but this base model needs "
+                                 f"{(n, want)}: the adapter was made for another base model.")
+    kv = emb.reshape(1, n, config.num_layers * 2, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
+    return "prefix", [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]

@@ -1,0 +1,153 @@
+"""Which adapter version a request's `model` means, kept fresh by polling the registry's aliases.
+
+`name@alias` is re-read (one cheap `alias_state` call) at most every `poll_s` seconds, so a promotion or
+rollback reaches new requests within `poll_s` (plus one registry round trip) without a restart. The
+resolved version is immutable (`name/3`): the engine routes and pins by it, so a request that already
+started keeps its version to the end.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from peftray.errors import ConfigError, NotFoundError
+from peftray.serve.config import ServeConfig
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to run: the base model (key None) or one immutable adapter version `key` = `name/3`."""
+
+    model: str  # as the request named it
+    key: Optional[str] = None
+    method: Optional[str] = None
+
+
+def _same_base(a: Optional[str], b: str) -> bool:
+    if not a:
+        return True  # unknown base: the engine's shape checks still refuse a wrong one
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or os.path.basename(a) == os.path.basename(b)
+
+
+class ModelResolver:
+    """Maps request `model` strings to Targets, checking what this deployment may serve.
+
+    Args:
+        spec: the serve spec (base model, allowed adapters, poll interval).
+        registry: object with `resolve`, `alias_state` (default: `peftray.registry`); tests of pure logic
+            pass their own.
+        clock: monotonic clock.
+    """
+
+    def __init__(self, spec: ServeConfig, registry=None, clock: Callable[[], float] = time.monotonic) -> None:
+        if registry is None:
+            import peftray.registry as registry
+        self.spec, self.registry, self.clock = spec, registry, clock
+        self._versions: dict[str, object] = {}  # "name/3" -> AdapterVersion (immutable: cached forever)
+        self._aliases: dict[tuple[str, str], tuple[int, str, float]] = {}  # -> (version, token, checked at)
+        self._lock = threading.Lock()
+
+    def is_base(self, model: str) -> bool:
+        names = {self.spec.served_model_id, self.spec.base_model, os.path.basename(self.spec.base_model.rstrip("/"))}
+        return model in names
+
+    def allowed(self, name: str, ref: str) -> bool:
+        for entry in self.spec.adapters:
+            if entry == "*" or entry == name or entry == ref:
+                return True
+        return False
+
+    def resolve(self, model: str) -> Target:
+        """The Target for `model`.
+
+        Raises:
+            NotFoundError: not a reference, not served here, or unknown to the registry (404).
+            ConfigError: the adapter was trained on another base model, or cannot be served (400).
+        """
+        from peftray.registry.resolve import parse_ref
+
+        if not isinstance(model, str) or not model:
+            raise ConfigError("`model` must name the base model or an adapter (name@alias, name/3).")
+        if self.is_base(model):
+            return Target(model)
+        try:
+            ref = parse_ref(model)
+        except NotFoundError:
+            raise NotFoundError(f"The model `{model}` does not exist: use {self.spec.served_model_id!r} or an "
+                                "adapter as name@alias or name/<version>.") from None
+        if not self.allowed(ref.name, str(ref)):
+            raise NotFoundError(f"The model `{model}` does not exist on this deployment (it serves: "
+                                f"{', '.join(self.spec.adapters)}).")
+        version = ref.version if ref.version is not None else self._alias_version(ref.name, ref.alias)
+        av = self._version(ref.name, version)
+        if not _same_base(av.base_model, self.spec.base_model):
+            raise ConfigError(f"adapter {av.name}/{av.version} was trained for base model {av.base_model!r}, but "
+                              f"this deployment serves {self.spec.served_model_id!r}; send it to a deployment of "
+                              "its own base model.")
+        if (av.method or "").lower() == "ia3":
+            raise ConfigError(f"adapter {av.name}/{av.version} is IA3, which this server does not batch; merge it "
+                              "into the base model and serve that model.")
+        return Target(model, key=f"{av.name}/{av.version}", method=av.method)
+
+    def _alias_version(self, name: str, alias: str) -> int:
+        now = self.clock()
+        with self._lock:
+            seen = self._aliases.get((name, alias))
+        if seen is not None and now - seen[2] < self.spec.alias_poll_s:
+            return seen[0]
+        if alias == "latest":
+            version, token = self.registry.resolve(f"{name}@latest").version, ""
+        else:
+            version, token = self.registry.alias_state(name, alias)
+        if version is None:
+            raise NotFoundError(f"The model `{name}@{alias}` does not exist: adapter {name!r} has no alias "
+                                f"{alias!r}. Promote a version first (peftray registry promote {name} <v> {alias}).")
+        with self._lock:
+            self._aliases[(name, alias)] = (int(version), token, now)
+        return int(version)
+
+    def _version(self, name: str, version: int):
+        key = f"{name}/{version}"
+        with self._lock:
+            av = self._versions.get(key)
+        if av is None:
+            av = self.registry.resolve(key)
+            with self._lock:
+                self._versions[key] = av
+        return av
+
+    def listed(self) -> list[dict]:
+        """Entries for GET /v1/models: the base model, then every served adapter alias (and pinned versions)."""
+        out = [{"id": self.spec.served_model_id, "object": "model", "owned_by": "peftray", "root":
+                self.spec.base_model, "parent": None}]
+        seen = set()
+        for entry in self.spec.adapters:
+            for ref in self._expand(entry):
+                if ref not in seen:
+                    seen.add(ref)
+                    out.append({"id": ref, "object": "model", "owned_by": "peftray",
+                                "root": self.spec.served_model_id, "parent": self.spec.served_model_id})
+        return out
+
+    def _expand(self, entry: str) -> list[str]:
+        if "@" in entry or "/" in entry:
+            return [entry]
+        summaries = {a.name: a for a in self.registry.list_adapters()}
+        names = sorted(summaries) if entry == "*" else [entry]
+        refs = []
+        for name in names:
+            summary = summaries.get(name)
+            if summary is None:
+                continue
+            for alias, version in sorted((summary.aliases or {}).items()):
+                try:
+                    if _same_base(self._version(name, int(version)).base_model, self.spec.base_model):
+                        refs.append(f"{name}@{alias}")
+                except NotFoundError:
+                    continue
+        return refs
