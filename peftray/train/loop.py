@@ -59,6 +59,7 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     pad_id: int
+    scaler: Any = None  # fp16 loss scaling (CUDA only); None otherwise
 
 
 def build(spec: JobSpec, ctx: LoopContext) -> Job:
@@ -77,7 +78,9 @@ def build(spec: JobSpec, ctx: LoopContext) -> Job:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)  # syncs requires_grad params only
     optimizer = make_optimizer(model, t)
-    return Job(spec, data, plan, total, model, ddp, optimizer, make_scheduler(optimizer, t, total), tok.pad_token_id)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    return Job(spec, data, plan, total, model, ddp, optimizer, make_scheduler(optimizer, t, total), tok.pad_token_id,
+               scaler)
 
 
 def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
@@ -135,9 +138,12 @@ def _targets(batch: dict[str, torch.Tensor], classification: bool) -> int:
 
 
 def _all_sum(values: list[float], ctx: LoopContext) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if ctx.world_size > 1 and dist.is_initialized():
-        dist.all_reduce(tensor)  # gloo on CPU; NCCL wants device tensors
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return list(values)
+    # gloo reduces CPU tensors, NCCL and XLA device tensors; XLA has no float64
+    dtype = torch.float32 if ctx.device.type == "xla" else torch.float64
+    tensor = torch.tensor(values, dtype=dtype, device=ctx.device)
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 
@@ -145,7 +151,7 @@ def _autocast(spec: JobSpec, device: torch.device):
     if spec.training.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if spec.training.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu") else "cpu", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
@@ -164,24 +170,37 @@ def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
             with _autocast(job.spec, ctx.device):
                 out = job.ddp(**{key: v.to(ctx.device) for key, v in batch.items()})
             token_sum = out.loss.float() * _targets(batch, classification)
-            (token_sum * ctx.world_size / max(global_targets, 1)).backward()
+            scaled = token_sum * ctx.world_size / max(global_targets, 1)
+            (job.scaler.scale(scaled) if job.scaler else scaled).backward()
         loss_sum += float(token_sum.detach())
+    grad_norm, lr = _optimizer_step(job, ctx)
+    (total_loss,) = _all_sum([loss_sum], ctx)
+    seconds = time.perf_counter() - began
+    return {"loss": total_loss / max(global_targets, 1), "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": global_tokens / seconds, "step_seconds": seconds,
+            "epoch": float(step // job.plan.steps_per_epoch)}
+
+
+def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
+    """Clip, step, schedule, zero; returns (grad norm before clipping, the learning rate used)."""
     params = [p for p in job.model.parameters() if p.requires_grad]
     max_norm = job.spec.training.max_grad_norm or math.inf
+    if job.scaler:
+        job.scaler.unscale_(job.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = job.scheduler.get_last_lr()[0]
-    job.optimizer.step()
+    if job.scaler:
+        job.scaler.step(job.optimizer)  # skips the step when the fp16 grads overflowed
+        job.scaler.update()
+    else:
+        job.optimizer.step()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
     if ctx.device.type == "xla":
         import torch_xla.core.xla_model as xm
 
         xm.mark_step()
-    (total_loss,) = _all_sum([loss_sum], ctx)
-    seconds = time.perf_counter() - began
-    return {"loss": total_loss / max(global_targets, 1), "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": global_tokens / seconds, "step_seconds": seconds,
-            "epoch": float(step // job.plan.steps_per_epoch)}
+    return grad_norm, lr
 
 
 @torch.no_grad()
