@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 from peftray.errors import PeftrayError
 
 JOBS = ("demo-polite", "demo-counting")
-QUESTIONS = ("Tell me about the river.\n", "Describe a quiet student.\n")
 TOTAL_STEPS = 6
 
 
@@ -45,7 +44,7 @@ class DemoResult:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # job name -> final job record
     promoted: dict[str, Any] | None = None
     refused: str | None = None
-    answers: dict[str, list[str]] = field(default_factory=dict)  # model -> answers to QUESTIONS
+    answers: dict[str, list[str]] = field(default_factory=dict)  # model -> answers to steps.QUESTIONS
     plot: Path | None = None
     urls: dict[str, str] = field(default_factory=dict)
 

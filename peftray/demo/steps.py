@@ -10,6 +10,8 @@ from typing import Any
 from peftray.config import Config, load_config
 from peftray.errors import GateError, PeftrayError
 
+QUESTIONS = ("Tell me about the river.\n", "Describe a quiet student.\n")
+
 # The gate of the first promotion: the adapter must beat a uniform guess over the tiny model's vocabulary.
 UNIFORM_LOSS = math.log(512)
 
@@ -138,6 +140,43 @@ def promote(opts, cfg: Config, model_dir: Path, good: dict[str, Any]) -> tuple[d
             raise PeftrayError(f"the gate let version {worse['model_version']} (3 training steps) take production")
         opts.out(f"      refused, as it should be: {refused}")
     return record, refused
+
+
+ASKED = ("tiny-llama", "demo-polite@production", "demo-counting@latest")
+
+
+def serve_and_ask(opts, cfg: Config, model_dir: Path) -> dict[str, list[str]]:
+    """Deploy jobs/serve-demo.yaml, then ask every model every question at once (they share forward passes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from peftray.serve import deploy, load_serve_config
+
+    spec = load_serve_config(opts.repo_dir / "jobs" / "serve-demo.yaml", {"base_model": str(model_dir)})
+    dep = deploy(spec, cfg)
+    opts.out(f"      serving at {dep.url}/v1 (OpenAI API)")
+    client = OpenAI(base_url=f"{dep.url}/v1", api_key=dep.api_key, max_retries=2, timeout=120)
+
+    def ask(pair: tuple[str, str]) -> str:
+        model, question = pair
+        done = client.completions.create(model=model, prompt=question, max_tokens=12, temperature=0)
+        return done.choices[0].text.strip()
+
+    pairs = [(m, q) for m in ASKED for q in QUESTIONS]
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        texts = list(pool.map(ask, pairs))
+    answers = {m: texts[i * len(QUESTIONS):(i + 1) * len(QUESTIONS)] for i, m in enumerate(ASKED)}
+    _print_side_by_side(opts, answers)
+    return answers
+
+
+def _print_side_by_side(opts, answers: dict[str, list[str]]) -> None:
+    from peftray.tables import table
+
+    rows = [(q.strip(), *(answers[m][i] for m in ASKED)) for i, q in enumerate(QUESTIONS)]
+    for line in table(["question", *ASKED], rows).splitlines():
+        opts.out(f"      {line}")
 
 
 def where_next(opts, cfg: Config) -> dict[str, str]:
