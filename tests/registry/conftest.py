@@ -9,21 +9,21 @@ from pathlib import Path
 import pytest
 
 
-def write_lora(path: Path, *, base: str = "tiny-llama", seed: int = 0, rank: int = 4, extra_mb: float = 0.0,
-               **config) -> Path:
-    """An HF-PEFT-format LoRA folder (q_proj/v_proj of 2 layers, hidden 64) with a config JSON."""
-    import torch
-    from safetensors.torch import save_file
+def write_lora(path: Path, *, base: str = "tiny-llama", seed: int = 0, rank: int = 4, **config) -> Path:
+    """An HF-PEFT-format LoRA folder (q_proj/v_proj of 2 layers, hidden 64) with a config JSON.
 
-    g = torch.Generator().manual_seed(seed)
+    Written with safetensors' numpy API: the same file format as torch's, without importing torch.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(2):
         for proj in ("q_proj", "v_proj"):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, 64, generator=g)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(64, rank, generator=g)
-    if extra_mb:  # bulk for the size-sensitive checks (a real adapter of a larger model)
-        tensors["base_model.model.lm_head.weight"] = torch.randn(int(extra_mb * 2**20 / 4) // 64, 64, generator=g)
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, 64), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((64, rank), dtype=np.float32)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
@@ -46,5 +46,6 @@ def cfg(stack, tmp_path, monkeypatch):
 @pytest.fixture
 def lora_dir(tmp_path):
     return lambda name="a", **kw: write_lora(tmp_path / name, **kw)
+
 
 
