@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from peftray.service.executor import RayExecutor
@@ -22,6 +23,8 @@ from peftray.service.store import ACTIVE, CANCELLED, FAILED, RUNNING, STARTING, 
 log = logging.getLogger("peftray.service")
 PROGRESS, RESULT = "PEFTRAY_PROGRESS ", "PEFTRAY_RESULT "
 ERROR_CHARS = 8000
+# Ray's log API returns the whole log: once a job reports progress, read it at most this often.
+PROGRESS_SCAN_S = 2.0
 
 
 def parse_marked(text: str, marker: str) -> list[dict[str, Any]]:
@@ -47,6 +50,7 @@ class Scheduler:
         self.store, self.executor, self.settings = store, executor, settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._scanned: dict[str, float] = {}  # job id -> monotonic time its log was last read
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="peftray-scheduler", daemon=True)
@@ -67,7 +71,9 @@ class Scheduler:
 
     def tick(self) -> None:
         """One pass: reconcile every active job with Ray, then start queued jobs while the limits allow."""
-        for job in self.store.jobs_in(ACTIVE):
+        active = self.store.jobs_in(ACTIVE)
+        self._scanned = {k: v for k, v in self._scanned.items() if k in {j.id for j in active}}
+        for job in active:
             self.sync(job)
         while not self._stop.is_set():
             job = self.store.claim_next(self.settings.max_running, self.settings.max_running_per_user)
@@ -103,8 +109,10 @@ class Scheduler:
             self.store.update(job.id, ray_job_id=ray_id)
         if job.cancel_requested and info.status in ("PENDING", "RUNNING"):
             self.executor.stop(ray_id)
-        text = self.executor.logs(ray_id) if info.status != "PENDING" else ""
-        self._record_progress(job, text)
+        text = ""
+        if info.status != "PENDING" and (info.status != "RUNNING" or self._scan_due(job)):
+            text = self.executor.logs(ray_id)
+            self._record_progress(job, text)
         if info.status == "RUNNING":
             self.store.transition(job.id, RUNNING, "the Ray job is running", [STARTING])
         elif info.status == "SUCCEEDED":
@@ -117,12 +125,20 @@ class Scheduler:
             reason = "cancelled on request" if job.cancel_requested else "stopped outside the service"
             self.store.transition(job.id, CANCELLED, reason, ACTIVE)
 
+    def _scan_due(self, job: JobRecord) -> bool:
+        """Read a running job's log every pass until its first progress line, then every PROGRESS_SCAN_S."""
+        now = time.monotonic()
+        if job.progress and now - self._scanned.get(job.id, 0.0) < PROGRESS_SCAN_S:
+            return False
+        self._scanned[job.id] = now
+        return True
+
     def _record_progress(self, job: JobRecord, text: str) -> None:
+        """One `progress` event per read (the newest step), so a fast job cannot flood the event table."""
         last = (job.progress or {}).get("step", -1)
         newer = [p for p in parse_marked(text, PROGRESS) if isinstance(p.get("step"), int) and p["step"] > last]
-        for item in newer:
-            self.store.add_event(job.id, "progress", item)
         if newer:
+            self.store.add_event(job.id, "progress", newer[-1])
             self.store.update(job.id, progress=newer[-1])
 
     def _succeeded(self, job: JobRecord, text: str) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import yaml
@@ -40,6 +41,14 @@ def clients(ray_service):
     yield made
     for c in made.values():
         c.close()
+
+
+@pytest.fixture(scope="module")
+def long_job(clients, tiny_model):
+    """Bob's endless job, submitted early so that it trains while alice's jobs run (the cancel test stops it)."""
+    spec = tiny_spec(f"t{uuid.uuid4().hex[:8]}-long", tiny_model,
+                     training={"max_steps": 100000, "checkpoint_every": 100000})
+    return spec, clients["bob"].submit(spec)
 
 
 def _wait(client, job_id, pred, timeout=240):
@@ -79,8 +88,8 @@ def _train_workers(stack) -> list:
     return found
 
 
-def test_cli_jobs_succeed_and_fail_one_at_a_time_per_user(stack, ray_service, clients, tiny_model, unique_name,
-                                                          tmp_path):
+def test_cli_jobs_succeed_and_fail_one_at_a_time_per_user(stack, ray_service, clients, long_job, tiny_model,
+                                                          unique_name, tmp_path):
     svc, alice = ray_service["svc"], clients["alice"]
     good = tiny_spec(f"{unique_name}-ok", tiny_model)
     bad = tiny_spec(f"{unique_name}-bad", tiny_model, dataset={"source": str(tmp_path / "no-such-data.jsonl")})
@@ -127,10 +136,9 @@ def _check_registered(stack, job: dict) -> None:
     assert versions[int(job["model_version"])].run_id == job["mlflow_run_id"]
 
 
-def test_cancel_running_job_stops_ray_and_registers_nothing(stack, clients, tiny_model, unique_name):
+def test_cancel_running_job_stops_ray_and_registers_nothing(stack, clients, long_job):
     bob = clients["bob"]
-    spec = tiny_spec(f"{unique_name}-long", tiny_model, training={"max_steps": 100000, "checkpoint_every": 100000})
-    job = bob.submit(spec)
+    spec, job = long_job
     running = _wait(bob, job["id"], lambda j: j["state"] == "running" and j["progress"] or j["state"] in TERMINAL)
     assert running["state"] == "running", running
     assert _train_workers(stack), "the job's Ray Train worker should be alive while it trains"
