@@ -1,34 +1,69 @@
-"""A two-node-capable Ray cluster of our own (not the session stack's): its head is killed and restarted here.
+"""A Ray cluster of our own next to the session stack: its head is killed and restarted by these tests.
 
-The head comes from `peftray.stack.up` with GCS fault tolerance on the machine's Redis (127.0.0.1:6379) under
-a namespace of our own, whose keys are deleted at the end.
+The head is started by the stack's own code (`peftray.stack.servers.start_ray`) with its own token, ports and
+temp dir, and GCS fault tolerance on the machine's Redis (127.0.0.1:6379) under a namespace of our own whose
+keys are deleted at the end. S3 and MLflow are the session stack's: shared services, as on a real cluster.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+from peftray.config import Config
+from peftray.stack import procs, servers
+from peftray.stack.procs import Proc
 
 REDIS_ADDRESS = "127.0.0.1:6379"
 
 
-@pytest.fixture(scope="module")
-def ft_cluster(tmp_path_factory):
-    """(Options, Config) of a fresh local stack whose Ray head keeps its GCS state in Redis."""
+@dataclass
+class FtCluster:
+    opts: servers.Options
+    cfg: Config  # the session stack's S3 + MLflow, this cluster's Ray address, dashboard and token
+    head: Proc  # replaced when a test restarts the head
+
+
+def start_head(opts: servers.Options, ports: dict[str, int], cfg: Config) -> Proc:
+    """Start (or restart, on the same ports) the cluster's head and wait for its dashboard."""
+    # A crashed head leaves this file behind; with it, `ray start --head` takes the surviving worker raylets
+    # (whose command lines name the GCS address) for a running head and refuses to start. A replacement
+    # head pod or VM starts with a fresh disk, so removing it is what a real restart looks like.
+    (servers.ray_temp_dir(opts.state_dir) / "ray_current_cluster").unlink(missing_ok=True)
+    head = servers.start_ray(opts, ports, Path(cfg.ray_auth_token_path), cfg.env())
+    servers.wait_ray(head, cfg.ray_dashboard_url, Path(cfg.ray_auth_token_path))
+    return head
+
+
+@pytest.fixture(scope="session")
+def ft_cluster(stack, tmp_path_factory):
+    """One cluster for both slow tests (a head start costs 20-60 s here); the head-failure test leaves a
+    restarted, working head behind."""
     import redis
 
-    from peftray import stack
-    from peftray.config import load_config
-
     namespace = f"peftray-test-{uuid.uuid4().hex[:8]}"
-    opts = stack.Options(state_dir=tmp_path_factory.mktemp("ftstack"), ray_num_cpus=3, ray_object_store_mb=256,
-                         ray_redis_address=REDIS_ADDRESS, ray_redis_namespace=namespace)
-    stack.up(opts)
+    state = tmp_path_factory.mktemp("ftcluster")
+    token = state / "ray_auth_token"
+    with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+        fh.write(secrets.token_hex(32))
+    ports = dict(zip(servers.RAY_PORT_NAMES, procs.free_ports(len(servers.RAY_PORT_NAMES))))
+    opts = servers.Options(state_dir=state, ray_num_cpus=3, ray_object_store_mb=256,
+                           ray_redis_address=REDIS_ADDRESS, ray_redis_namespace=namespace)
+    cfg = dataclasses.replace(stack, ray_address=f"127.0.0.1:{ports['ray_gcs']}", ray_auth_token_path=str(token),
+                              ray_dashboard_url=f"http://127.0.0.1:{ports['ray_dashboard']}")
+    cluster = None
     try:
-        yield opts, load_config(opts.state_dir)
+        cluster = FtCluster(opts, cfg, start_head(opts, ports, cfg))
+        yield cluster
     finally:
-        stack.down(opts.state_dir)
+        if cluster:
+            procs.stop(cluster.head)
         client = redis.Redis.from_url(f"redis://{REDIS_ADDRESS}/0")
         keys = list(client.scan_iter(match=f"*{namespace}*"))
         if keys:

@@ -33,7 +33,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2]), "location": "EveryNode"})
         serve.run(Echo.bind(), name="echo", route_prefix="/")
     apps = serve.status().applications
-    print(json.dumps({name: str(app.status) for name, app in apps.items()}), flush=True)
+    print(json.dumps({name: getattr(app.status, "value", str(app.status)) for name, app in apps.items()}), flush=True)
 
 
 if __name__ == "__main__":

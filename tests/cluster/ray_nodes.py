@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on one machine, for the cluster tests.
 
-The head comes from `peftray.stack.up` (with S3 and MLflow); extra nodes are `ray start --address=... --block`
+The head comes from `peftray.stack.servers.start_ray` (see conftest.py); extra nodes are `ray start --address=... --block`
 child processes with their own ports, temp dir, CPUs and a custom resource, tracked by pid through
 `peftray.stack.procs` so a test can kill exactly one node (its whole process tree) and nothing else.
 Every Ray driver runs in a subprocess: a driver attached to a node that dies is taken down with it, and
@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from peftray.config import Config
 from peftray.stack import procs, servers
 from peftray.stack.procs import Proc
@@ -31,14 +33,25 @@ class Node:
     name: str
     proc: Proc
     temp_dir: Path
+    node_id: str = ""
 
     def stop(self) -> None:
-        """Stop the node's whole process tree (if still running) and remove its temp dir."""
+        """Stop the node's whole process tree (if still running) and remove its temp dir.
+
+        A `ray start` that gave up leaves its raylet behind, re-parented: it is still in the process group
+        `ray start` led (start_new_session), so the group's members that run under this node's temp dir die too.
+        """
         procs.stop(self.proc)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getpgid(p.pid) == self.proc.pid and str(self.temp_dir) in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+            except (OSError, psutil.Error):
+                continue
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, float], tmp: Path,
+def _start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, float], tmp: Path,
                env_extra: dict[str, str] | None = None) -> Node:
     """Start a worker node that joins the cluster at `cfg.ray_address`, with the cluster's token."""
     ports = dict(zip(NODE_PORTS, procs.free_ports(len(NODE_PORTS))))
@@ -57,15 +70,45 @@ def start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, float
     return Node(name, procs.start(name, cmd, tmp / "logs" / f"{name}.log", env, ports), temp_dir)
 
 
-class Driver:
-    """`tests/cluster/<script>` running as a Ray driver in its own process, output in files."""
+def start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, float], tmp: Path,
+               env_extra: dict[str, str] | None = None, attempts: int = 3) -> Node:
+    """Start a worker node and wait until the GCS lists it alive; returns it with `node.node_id` set.
 
-    def __init__(self, cfg: Config, script: str, args: list[str], log_dir: Path, env_extra: dict | None = None):
+    `ray start` gives its raylet a fixed 30 s to register; on a saturated 2-core machine that is sometimes
+    not enough, so a node whose `ray start` gave up is started again (up to `attempts` times).
+    """
+    for attempt in range(attempts):
+        node = _start_node(cfg, name, num_cpus, resources, tmp, env_extra)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and procs.process_of(node.proc) is not None:
+            try:
+                mine = [n["nodeId"] for n in alive_nodes(cfg)
+                        if int(n["nodeManagerPort"]) == node.proc.ports["node_manager"]]
+            except OSError:  # the dashboard is slow to answer on a saturated machine: ask again
+                mine = []
+            if mine:
+                node.node_id = mine[0]
+                return node
+            time.sleep(0.5)
+        node.stop()
+    raise AssertionError(f"{name} did not join the cluster in {attempts} attempts:\n{procs.log_tail(node.proc, 30)}")
+
+
+class Driver:
+    """`python ARGV...` running as a Ray driver of the cluster in its own process, output in files.
+
+    A first argument ending in `.py` names a script next to this file.
+    """
+
+    def __init__(self, cfg: Config, argv: list[str], log_dir: Path, env_extra: dict | None = None):
         env = {**os.environ, **cfg.env(), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": cfg.ray_address,
                **(env_extra or {})}
-        self.out, self.err = log_dir / f"{script}.out", log_dir / f"{script}.err"
+        if argv[0].endswith(".py"):
+            argv = [str(HERE / argv[0]), *argv[1:]]
+        tag = f"driver-{time.monotonic_ns()}"
+        self.out, self.err = log_dir / f"{tag}.out", log_dir / f"{tag}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.popen = subprocess.Popen([sys.executable, str(HERE / script), *args], env=env, stdout=out,
+            self.popen = subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
                                           stderr=err, stdin=subprocess.DEVNULL)
 
     def output(self) -> str:
@@ -78,7 +121,9 @@ class Driver:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"driver still running after {timeout:.0f}s\n{self.output()}") from None
-        lines = [ln for ln in self.out.read_text().splitlines() if ln.startswith("{")]
+        # Our scripts print a JSON line; `python -m peftray.train` prints `PEFTRAY_RESULT {json}`.
+        lines = [ln.removeprefix("PEFTRAY_RESULT ") for ln in self.out.read_text().splitlines()
+                 if ln.startswith(("{", "PEFTRAY_RESULT {"))]
         if rc != 0 or not lines:
             raise AssertionError(f"driver failed (rc={rc})\n{self.output()}")
         return json.loads(lines[-1])
@@ -103,15 +148,27 @@ def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.5, contex
     raise AssertionError(f"{what} not reached after {timeout:.0f}s (last error: {last_exc!r})\n{context()}")
 
 
-def alive_nodes(cfg: Config) -> list[dict]:
-    """Alive nodes as the GCS sees them, asked over the dashboard's HTTP API with the token."""
+def dashboard_get(cfg: Config, path: str) -> dict:
+    """GET a dashboard API path with the cluster's token."""
     import urllib.request
 
-    req = urllib.request.Request(f"{cfg.ray_dashboard_url}/nodes?view=summary",
+    req = urllib.request.Request(f"{cfg.ray_dashboard_url}{path}",
                                  headers={"Authorization": f"Bearer {cfg.ray_auth_token}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
-        summary = json.loads(resp.read())["data"]["summary"]
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def alive_nodes(cfg: Config) -> list[dict]:
+    """Alive nodes as the GCS sees them."""
+    summary = dashboard_get(cfg, "/nodes?view=summary")["data"]["summary"]
     return [n["raylet"] for n in summary if n["raylet"]["state"] == "ALIVE"]
+
+
+def actors_of_class(cfg: Config, class_name: str) -> list[dict]:
+    """Every actor of a class, alive or dead, with its node id (Ray's state API)."""
+    data = dashboard_get(cfg, f"/api/v0/actors?limit=10000&detail=1&filter_keys=class_name"
+                              f"&filter_predicates=%3D&filter_values={class_name}")
+    return data["data"]["result"]["result"]
 
 
 def crash(proc: Proc) -> None:
@@ -125,13 +182,4 @@ def crash(proc: Proc) -> None:
             p.kill()
         except Exception:  # noqa: BLE001 - already gone
             pass
-    import psutil
-
     psutil.wait_procs(victims, timeout=10)
-
-
-def restart_head(opts, cfg: Config, old: Proc) -> Proc:
-    """Start the stack's Ray head again on the same ports (workers reconnect to the same GCS address)."""
-    proc = servers.start_ray(opts, old.ports, Path(cfg.ray_auth_token_path), cfg.env())
-    servers.wait_ray(proc, cfg.ray_dashboard_url, Path(cfg.ray_auth_token_path))
-    return proc

@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
-from peftray import stack
 from peftray.stack import procs
-from ray_nodes import Driver, alive_nodes, crash, restart_head, start_node, wait_for
+from conftest import start_head
+from ray_nodes import Driver, alive_nodes, crash, start_node, wait_for
 
 OUTAGE_SECONDS = 8
 
@@ -43,19 +43,17 @@ class Prober(threading.Thread):
 
 @pytest.mark.slow
 def test_serving_survives_head_failure_and_head_recovers(ft_cluster, tmp_path):
-    opts, cfg = ft_cluster
+    cfg = ft_cluster.cfg
     http_port, worker_proxy_port = procs.free_ports(2)
     # Reconnect window longer than a head restart takes on a busy 2-core machine.
     slow_gcs = {"RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
     node_c = start_node(cfg, "node-c", num_cpus=1, resources={"node_c": 1}, tmp=tmp_path,
                         env_extra={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_proxy_port), **slow_gcs})
     url = f"http://127.0.0.1:{worker_proxy_port}/"
-    head = stack.status(opts.state_dir).procs["ray"]
-    new_head = prober = None
+    prober = None
     try:
-        wait_for(lambda: len(alive_nodes(cfg)) == 2, "node C joining the cluster", timeout=90)
-        node_c_id = next(n["nodeId"] for n in alive_nodes(cfg) if not n.get("isHeadNode"))
-        deployed = Driver(cfg, "driver_serve.py", ["deploy", str(http_port)], tmp_path).result(timeout=180)
+        node_c_id = node_c.node_id
+        deployed = Driver(cfg, ["driver_serve.py", "deploy", str(http_port)], tmp_path).result(timeout=180)
         assert deployed == {"echo": "RUNNING"}
         before = wait_for(lambda: _ask(url), "the worker node's proxy answering", timeout=60)
         assert before["node_id"] == node_c_id
@@ -63,13 +61,14 @@ def test_serving_survives_head_failure_and_head_recovers(ft_cluster, tmp_path):
         prober.start()
         time.sleep(1)
 
-        crash(head)  # SIGKILL: GCS, head raylet, dashboard, Serve controller and head proxy all gone
+        crash(ft_cluster.head)  # SIGKILL: GCS, head raylet, dashboard, Serve controller and head proxy all gone
         t_down = time.monotonic()
         with pytest.raises(Exception):
             _ask(f"http://127.0.0.1:{http_port}/")  # the head's proxy is really gone
         time.sleep(OUTAGE_SECONDS)
         during = prober.between(t_down, time.monotonic())
-        new_head = restart_head(opts, cfg, head)
+        # Same ports, same Redis namespace: node C's raylet finds the GCS where it was.
+        ft_cluster.head = start_head(ft_cluster.opts, ft_cluster.head.ports, cfg)
         t_up = time.monotonic()
 
         assert len(during) >= OUTAGE_SECONDS, f"too few requests during the outage: {during}"
@@ -78,7 +77,7 @@ def test_serving_survives_head_failure_and_head_recovers(ft_cluster, tmp_path):
         # restarts on the new head and reports the app from its state in Redis.
         wait_for(lambda: node_c_id in {n["nodeId"] for n in alive_nodes(cfg)} and len(alive_nodes(cfg)) == 2,
                  "node C reconnecting to the restarted head", timeout=120)
-        status = Driver(cfg, "driver_serve.py", ["status"], tmp_path).result(timeout=120)
+        status = Driver(cfg, ["driver_serve.py", "status"], tmp_path).result(timeout=120)
         assert status == {"echo": "RUNNING"}
         time.sleep(1)
         after = prober.between(t_up, time.monotonic())
@@ -89,5 +88,3 @@ def test_serving_survives_head_failure_and_head_recovers(ft_cluster, tmp_path):
         if prober:
             prober.halt.set()
         node_c.stop()
-        if new_head:
-            procs.stop(new_head)
