@@ -8,6 +8,7 @@ network at all when the reference is an immutable `name/version` (or an AdapterV
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -73,10 +74,11 @@ def _download(av: AdapterVersion, missing: dict[str, str], cfg: Config, cache: A
     try:
         s3_root = (av.tags.get(t.TAG_S3_URI) or "").removeprefix("s3://") or s3_path_of(av.source, cfg)
         try:
-            if s3_root:
-                _download_s3(cfg, s3_root, list(missing), tmp, _sizes(av))
+            if s3_root:  # hashed in memory as the bytes arrive: no second read of the files
+                digests = _download_s3(cfg, s3_root, list(missing), tmp, _sizes(av))
             else:
                 _download_mlflow(cfg, av.source, tmp)
+                digests = {rel: _sha(tmp / rel) for rel in missing}
         except PeftrayError:
             raise
         except Exception as exc:  # noqa: BLE001 - network/store errors: say which store, keep the cause
@@ -84,7 +86,7 @@ def _download(av: AdapterVersion, missing: dict[str, str], cfg: Config, cache: A
             raise PeftrayError(f"could not download {av.ref} from {where}: {exc}. Check that the object store is "
                                "reachable and the credentials are right (peftray stack status).") from exc
         for rel, sha in missing.items():
-            got = _sha(tmp / rel)
+            got = digests.get(rel, "(file missing)")
             if got != sha:
                 cache.evict_folder(av.files)
                 raise IntegrityError(
@@ -107,8 +109,11 @@ def _sha(path: Path) -> str:
     return sha256_file(path) if path.is_file() else "(file missing)"
 
 
-def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path, sizes: dict[str, int]) -> None:
-    """All files in ranged GETs issued concurrently by s3fs, at most BATCH_BYTES in memory at once."""
+def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path, sizes: dict[str, int]) -> dict[str, str]:
+    """All files in ranged GETs issued concurrently by s3fs, at most BATCH_BYTES in memory at once.
+
+    Returns the sha256 of each file written (parts are requested, and hashed, in file order).
+    """
     fs = s3fs_for(cfg)
     if not all(rel in sizes for rel in rels):  # versions registered before sizes were recorded
         sizes = {k[len(s3_root) + 1:]: int(v["size"]) for k, v in fs.find(s3_root, detail=True).items()}
@@ -121,22 +126,25 @@ def _download_s3(cfg: Config, s3_root: str, rels: list[str], dst: Path, sizes: d
         (dst / rel).write_bytes(b"")
         step = max(MIN_PART, -(-size // PARTS_PER_FILE))
         parts += [(rel, s, min(s + step, size)) for s in range(0, size, step)]
+    hashes = {rel: hashlib.sha256() for rel, _, _ in parts}
     batch: list = []
     for part in parts:
         batch.append(part)
         if sum(e - s for _, s, e in batch) >= BATCH_BYTES:
-            _get_batch(fs, s3_root, batch, dst)
+            _get_batch(fs, s3_root, batch, dst, hashes)
             batch = []
     if batch:
-        _get_batch(fs, s3_root, batch, dst)
+        _get_batch(fs, s3_root, batch, dst, hashes)
+    return {rel: h.hexdigest() for rel, h in hashes.items()}
 
 
-def _get_batch(fs, s3_root: str, batch: list, dst: Path) -> None:
+def _get_batch(fs, s3_root: str, batch: list, dst: Path, hashes: dict) -> None:
     datas = fs.cat_ranges([f"{s3_root}/{rel}" for rel, _, _ in batch], [s for _, s, _ in batch],
                           [e for _, _, e in batch])
     for (rel, start, _), data in zip(batch, datas):
         if isinstance(data, Exception):
             raise data
+        hashes[rel].update(data)
         with open(dst / rel, "r+b") as fh:
             fh.seek(start)
             fh.write(data)
