@@ -46,6 +46,3 @@ def cfg(stack, tmp_path, monkeypatch):
 @pytest.fixture
 def lora_dir(tmp_path):
     return lambda name="a", **kw: write_lora(tmp_path / name, **kw)
-
-
-
