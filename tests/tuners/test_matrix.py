@@ -32,7 +32,7 @@ CASES = [
     ("p-tuning-lstm", "llama", "PromptEncoderConfig",
      dict(num_virtual_tokens=3, encoder_hidden_size=16, encoder_reparameterization_type="LSTM")),
     ("seqcls-lora", "minilm", "LoraConfig", dict(r=4, target_modules=["query", "value"], init_lora_weights=False)),
-    ("seqcls-dora", "minilm", "LoraConfig", dict(r=4, target_modules=["query", "dense"], use_dora=True,
+    ("seqcls-dora", "minilm", "LoraConfig", dict(r=4, target_modules=["query", "value"], use_dora=True,
                                                  init_lora_weights=False)),
     ("seqcls-ia3", "minilm", "IA3Config", dict(init_ia3_weights=False)),
     ("seqcls-prompt-tuning", "minilm", "PromptTuningConfig", dict(num_virtual_tokens=3)),
