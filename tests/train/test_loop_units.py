@@ -25,7 +25,9 @@ def test_lr_schedule_against_closed_form():
     assert lr_factor(9, 10, 0, "constant") == 1.0
 
 
-def test_scaling_config_cpu_gpu_tpu():
+def test_scaling_config_cpu_gpu_tpu(stack):
+    # `stack` only for its environment: Ray reads its auth mode when first imported, and this imports Ray,
+    # so the session's token settings must be exported before (else the later Ray tests cannot connect).
     cpu = scaling_config(ResourcesSpec(num_workers=2, cpus_per_worker=2, placement_strategy="SPREAD"))
     assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 2}
     assert cpu.placement_strategy == "SPREAD"
