@@ -41,17 +41,27 @@ def _tiny_spec(name: str, model: Path, data: Path) -> dict[str, Any]:
 
 
 def _first_step_direct(svc_settings, spec: dict[str, Any]) -> float:
-    """Baseline: the trainer entrypoint submitted straight to Ray; seconds until its first progress line."""
+    """Baseline: the trainer entrypoint submitted straight to Ray and its log tailed (as `ray job submit` does);
+    seconds until the first progress line."""
+    import asyncio
+
     from peftray.service.executor import RayExecutor
 
     ex = RayExecutor(svc_settings)
     job_id = "bench-" + uuid.uuid4().hex[:8]
+
+    async def first_progress(ray_id: str) -> bool:
+        seen = ""
+        async for chunk in ex.client.tail_job_logs(ray_id):
+            seen = seen[-4096:] + chunk
+            if "PEFTRAY_PROGRESS " in seen:
+                return True
+        return False
+
     t0 = time.perf_counter()
     ray_id = ex.submit(job_id, "bench", spec)
-    while "PEFTRAY_PROGRESS " not in ex.logs(ray_id):
-        if ex.info(ray_id).status in ("FAILED", "STOPPED"):
-            raise RuntimeError(f"baseline job failed:\n{ex.logs(ray_id)[-3000:]}")
-        time.sleep(0.1)
+    if not asyncio.run(first_progress(ray_id)):
+        raise RuntimeError(f"baseline job ended without a training step:\n{ex.logs(ray_id)[-3000:]}")
     took = time.perf_counter() - t0
     _drain(lambda: ex.info(ray_id).status not in ("PENDING", "RUNNING"))
     return took
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftray bench service", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--submissions", type=int, default=200, help="total POSTs under load")
-    parser.add_argument("--repeats", type=int, default=1, help="first-step measurements per side")
+    parser.add_argument("--repeats", type=int, default=2, help="first-step measurements per side (order alternates)")
     parser.add_argument("--out", default="bench-results/service.json")
     args = parser.parse_args(argv)
     with _stack() as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-service-") as tmp:
@@ -176,9 +186,11 @@ def _first_step(cfg, tmp: Path, spec: dict[str, Any], repeats: int) -> dict[str,
     direct, served = [], []
     try:
         with ServiceClient(svc.url, svc.admin_token) as client:
-            for i in range(repeats):  # alternate, so neither side always runs on warmer caches
-                direct.append(_first_step_direct(settings, {**spec, "name": f"{spec['name']}-d{i}"}))
-                served.append(_first_step_service(client, {**spec, "name": f"{spec['name']}-s{i}"}))
+            for i in range(repeats):  # alternate the order, so neither side always runs on warmer caches
+                runs = [lambda: direct.append(_first_step_direct(settings, {**spec, "name": f"{spec['name']}-d{i}"})),
+                        lambda: served.append(_first_step_service(client, {**spec, "name": f"{spec['name']}-s{i}"}))]
+                for run in runs[:: 1 if i % 2 == 0 else -1]:
+                    run()
     except RuntimeError as exc:  # a job killed by the machine (e.g. Ray's OOM killer): keep the API numbers
         return {"first_step_error": str(exc)[:2000]}
     finally:
