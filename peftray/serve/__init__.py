@@ -10,8 +10,8 @@ from __future__ import annotations
 
 _LAZY = {
     "ServeConfig": "peftray.serve.config", "load_serve_config": "peftray.serve.config",
-    "Deployment": "peftray.serve.deploy", "deploy": "peftray.serve.deploy", "status": "peftray.serve.deploy",
-    "down": "peftray.serve.deploy", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
+    "Deployment": "peftray.serve.lifecycle", "deploy": "peftray.serve.lifecycle", "status": "peftray.serve.lifecycle",
+    "down": "peftray.serve.lifecycle", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
     "ModelResolver": "peftray.serve.watch",
 }
 

@@ -27,8 +27,7 @@ from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
 log = logging.getLogger("peftray.serve")
-_BACKEND: Any = None  # the ingress replica of this process (one per Serve replica process)
-fastapi_app = make_app(lambda: _BACKEND)
+fastapi_app = make_app()
 
 
 class TooManyRequests(OverloadedError):
@@ -152,14 +151,15 @@ class OpenAIIngress:
     """The HTTP front: OpenAI routes, the API key, alias resolution, routing to engine replicas."""
 
     def __init__(self, engine, spec: dict, api_key: Optional[str]) -> None:
-        global _BACKEND
+        from peftray.serve import openai_api
+
         self.spec = ServeConfig.model_validate(spec)
         self.engine = engine
         self.resolver = ModelResolver(self.spec)
         self.api_key = api_key
         self.default_max_tokens = self.spec.default_max_tokens
         self.request_timeout_s = self.spec.request_timeout_s
-        _BACKEND = self
+        openai_api.set_backend(self)
 
     async def call(self, fn, *args):
         return await asyncio.to_thread(fn, *args)

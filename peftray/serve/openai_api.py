@@ -147,8 +147,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
 
 
 # --- the app -------------------------------------------------------------------------------------------
-def make_app(get_backend) -> FastAPI:
-    """The FastAPI app; `get_backend()` returns the Backend (set when the Serve replica starts)."""
+_BACKENDS: list = []  # the Backend of this process (the Serve ingress replica sets it when it starts)
+
+
+def set_backend(backend) -> None:
+    _BACKENDS[:] = [backend]
+
+
+def current_backend():
+    """The Backend set by `set_backend` (a module-level function: Ray pickles it by reference, so every copy
+    of the app in a replica process reads the same module state)."""
+    if not _BACKENDS:
+        raise RuntimeError("the serving backend is not started yet")
+    return _BACKENDS[0]
+
+
+def make_app(get_backend=current_backend) -> FastAPI:
+    """The FastAPI app; `get_backend()` returns the Backend (default: the one `set_backend` registered)."""
     app = FastAPI(title="peftray serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)

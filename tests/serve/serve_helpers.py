@@ -94,3 +94,7 @@ def _recompute_prompt_tuning(model, adapter_dir: Path, prompt_ids: list[int], ma
             out.append(token)
             seq.append(token)
     return out
+
+
+PROMPT = "the quick brown fox jumps over"
+MAX_NEW = 8
