@@ -86,10 +86,12 @@ def load_serve_config(source: str | Path | dict, overrides: dict | None = None) 
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}.")
         base = data.get("base_model")
-        if isinstance(base, str) and base.startswith((".", "/")) is False and (Path(source).parent / base).exists():
-            data["base_model"] = str((Path(source).parent / base).absolute())
-        elif isinstance(base, str) and base.startswith("."):
-            data["base_model"] = str(Path(base).absolute())
+        if isinstance(base, str) and not Path(base).is_absolute():
+            # a folder next to the spec, else one relative to the working directory, else a hub id
+            for root in (Path(source).parent, Path.cwd()):
+                if (root / base).exists():
+                    data["base_model"] = str((root / base).resolve())
+                    break
     data.update(overrides or {})
     try:
         return ServeConfig.model_validate(data)
