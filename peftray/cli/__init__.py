@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "submit": ("submit", "submit a job spec to the control plane and follow it (like `ray job submit`)"),
     "jobs": ("jobs", "list, show, follow (logs, events) and cancel jobs of the control plane"),
     "promote": ("promote", "point an adapter alias at a version through the control plane"),
+    "serve": ("serve", "deploy, check and remove multi-adapter OpenAI-compatible serving on Ray Serve"),
 }
 
 
