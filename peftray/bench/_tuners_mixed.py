@@ -85,7 +85,7 @@ def run_kernel(seed: int, repeats: int, warmup: int, n_in: int = 512, n_out: int
         fns = {
             "base F.linear": lambda: F.linear(x, weight),
             "lora_delta": lambda: lora_delta(x, a, b, scaling, plan),
-            "lora_delta(out=base)": lambda: lora_delta(x, a, b, scaling, plan, out=F.linear(x, weight)),
+            "base + lora_delta(out=base)": lambda: lora_delta(x, a, b, scaling, plan, out=F.linear(x, weight)),
             "segment loop (sorted once)": lambda: lora_ops._scatter(
                 lora_ops._segments(x, a, b, scaling, plan), "active", plan),
             "HF-style loop (rows found per layer)": lambda: _hf_style(x, a, b, scaling, names, weight),

@@ -1,9 +1,9 @@
 """Training-step section of `peftray bench tuners`: full fine-tuning vs HF PEFT LoRA vs peftray LoRA.
 
 Timing and loss curves run in the benchmark's process (variants interleaved step by step). Peak memory is
-measured per variant in a fresh subprocess (`python -m peftray.bench._tuners_train VARIANT ...`) with
-`resource.getrusage(RUSAGE_SELF).ru_maxrss`, because the peak RSS of a process never goes down and torch's
-CPU allocations are invisible to tracemalloc.
+measured per variant in a fresh subprocess (`python -m peftray.bench._tuners_train VARIANT ...`) from the
+kernel's high-water mark VmHWM, because the peak RSS of a process never goes down and torch's CPU
+allocations are invisible to tracemalloc.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from peftray.bench._tuners_setup import build_base, lora_pair, median_ms, rss_kb
 
 BATCH, SEQ, RANK, LR = 4, 256, 16, 2e-4
 VARIANTS = ("full", "hf_peft", "peftray")
+# The LoRA arithmetic floor: the frozen model's forward and input-gradient backward, no adapter, no weight
+# gradient, no optimizer. Timed (not a goal) so that a ratio to HF PEFT can be judged against what is possible.
+FLOOR = "floor_frozen"
 
 
 def lora_kwargs() -> dict:
@@ -33,6 +36,9 @@ def make_variants(seed: int, which=VARIANTS) -> dict[str, tuple[torch.nn.Module,
     models: dict[str, torch.nn.Module] = {}
     if "full" in which:
         models["full"] = copy.deepcopy(base)
+    if FLOOR in which:
+        models[FLOOR] = copy.deepcopy(base).requires_grad_(False)
+        models[FLOOR].enable_input_require_grads()  # the embedding output requires grad: dx flows, no dW
     if "hf_peft" in which or "peftray" in which:
         hf, ours = lora_pair(base, lora_kwargs(), ["default"])
         if "hf_peft" in which:
@@ -43,7 +49,7 @@ def make_variants(seed: int, which=VARIANTS) -> dict[str, tuple[torch.nn.Module,
     for name, model in models.items():
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        out[name] = (model, torch.optim.AdamW(params, lr=LR))
+        out[name] = (model, torch.optim.AdamW(params, lr=LR) if params else None)
     return out
 
 
@@ -55,14 +61,15 @@ def make_batches(seed: int, n: int, vocab: int = 4096) -> list[torch.Tensor]:
 def train_step(model, opt, ids: torch.Tensor) -> float:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
 def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
     """Times `steps` steps per variant after `warmup`, records every loss, optionally measures memory."""
-    variants = make_variants(seed)
+    variants = make_variants(seed, which=(*VARIANTS, FLOOR))
     batches = make_batches(seed, warmup + steps)
     losses: dict[str, list[float]] = {name: [] for name in variants}
     counter = {name: 0 for name in variants}
@@ -80,7 +87,7 @@ def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
     hf_l, our_l = losses["hf_peft"], losses["peftray"]
     result["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(hf_l, our_l))
     if memory:
-        for name in variants:
+        for name in VARIANTS:
             result[name]["memory"] = measure_memory(name, seed, threads)
     return result
 
@@ -108,9 +115,22 @@ def _memory_main(argv: list[str] | None = None) -> None:
     before = rss_kb()  # the model is built; what training adds comes on top of this
     for ids in batches:
         train_step(model, opt, ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak, method = peak_rss_kb()
     print(json.dumps({"peak_rss_mib": round(peak / 1024, 1), "model_rss_mib": round(before / 1024, 1),
-                      "train_peak_over_model_mib": round((peak - before) / 1024, 1), "method": "ru_maxrss"}))
+                      "train_peak_over_model_mib": round((peak - before) / 1024, 1), "method": method}))
+
+
+def peak_rss_kb() -> tuple[int, str]:
+    """This process's peak RSS in KiB. VmHWM first: ru_maxrss survives execve on Linux, so a child started by a
+    big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]), "VmHWM (/proc/self/status)"
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
 
 
 if __name__ == "__main__":

@@ -129,7 +129,12 @@ def render(r: dict) -> str:
         out.append(f"\nlogits (16x128 mixed): max |HF PEFT - peftray| = {r['logits']['max_abs_diff']:.2e} "
                    f"(adapters move logits by up to {r['logits']['adapters_vs_base_max_abs']:.2f} vs base)")
     if "train" in r:
-        out.append(f"train loss curves: max |HF PEFT - peftray| = {r['train']['loss_max_abs_diff']:.2e}")
+        t = r["train"]
+        out.append(f"train loss curves: max |HF PEFT - peftray| = {t['loss_max_abs_diff']:.2e}")
+        if "floor_frozen" in t:
+            out.append(f"train floor (frozen model, input-grad backward only): {t['floor_frozen']['ms']:.0f} ms = "
+                       f"{t['floor_frozen']['ms'] / t['full']['ms']:.2f} of full; the 1.15x goal needs peftray <= "
+                       f"{t['hf_peft']['ms'] / 1.15:.0f} ms")
     out.append("\n" + table(["goal", "value", "target", "met"],
                             [[g["goal"], f"{g['value']:.4g}", g["target"], "yes" if g["met"] else "NO"]
                              for g in r["goals"]]))
