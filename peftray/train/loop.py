@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +88,10 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     """Run (or resume) the job on this worker; returns the final metrics (the same on every rank)."""
     job = build(spec, ctx)
     start = _resume(job, ctx)
-    crash_at = int(os.environ.get(CRASH_ENV, "-1"))
-    crash_rank = int(os.environ.get("PEFTRAY_TEST_CRASH_RANK", "1"))
     metrics: dict[str, float] = {}
     seconds = tokens = 0.0  # this attempt's training time and tokens, for the final throughput
     for step in range(start, job.total):
-        if step == crash_at and start == 0 and ctx.rank == crash_rank:
-            os._exit(17)  # test hook: a worker dying mid-run, before it reports this step
+        _maybe_crash(spec, ctx, step)
         metrics = train_step(job, ctx, step)
         seconds += metrics["step_seconds"]
         tokens += metrics["tokens_per_s"] * metrics["step_seconds"]
@@ -111,6 +109,20 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     ctx.log({k: v for k, v in final.items() if k.startswith("eval_")}, job.total)  # step metrics are logged
     ctx.report(final, _save(job, ctx, job.total, final))
     return final
+
+
+def _maybe_crash(spec: JobSpec, ctx: LoopContext, step: int) -> None:
+    """Test hook: rank PEFTRAY_TEST_CRASH_RANK (1) dies at step PEFTRAY_TEST_CRASH_AT_STEP, once per job name."""
+    if step != int(os.environ.get(CRASH_ENV, "-1")) or ctx.rank != int(os.environ.get("PEFTRAY_TEST_CRASH_RANK", "1")):
+        return
+    marker = Path(tempfile.gettempdir()) / f"peftray-test-crashed-{spec.name}"
+    if marker.exists():
+        return
+    marker.touch()
+    # Ray Train's controller records a reported checkpoint when it next polls the workers (every 2 s); die after
+    # that, so the test sees a worker lost *after* a checkpoint was registered, as in a real mid-run failure.
+    time.sleep(6)
+    os._exit(17)
 
 
 def _resume(job: Job, ctx: LoopContext) -> int:
