@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from peftray import registry
 from peftray.service.auth import Principal
+from peftray.service.runtime import state_of
 from peftray.service.store import JobStore
 
 
@@ -54,13 +55,13 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
 
     @app.get("/v1/adapters", tags=["adapters"])
     async def list_adapters(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-        cfg = request.app.state.settings.config
+        cfg = state_of(request.app).settings.config
         items = await run_in_threadpool(registry.list_adapters, cfg)
         return {"adapters": [a.to_dict() for a in items]}
 
     @app.get("/v1/adapters/{name}/versions", tags=["adapters"])
     async def list_versions(name: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-        cfg = request.app.state.settings.config
+        cfg = state_of(request.app).settings.config
         items = await run_in_threadpool(registry.list_versions, name, cfg)
         return {"versions": [v.to_dict() for v in items]}
 
@@ -68,7 +69,7 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
     async def promote(name: str, body: PromoteBody, request: Request,
                       who: Principal = Depends(principal)) -> dict[str, Any]:
         """Point `name@alias` at `version` after the optional metric gate passes (409 if it refuses)."""
-        state = request.app.state
+        state = state_of(request.app)
         await run_in_threadpool(_check_may_move, state.store, who, name)
         gate = registry.MetricGate(**body.gate.model_dump()) if body.gate else None
         return await run_in_threadpool(lambda: registry.promote(
@@ -79,7 +80,7 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
     async def rollback(name: str, body: RollbackBody, request: Request,
                        who: Principal = Depends(principal)) -> dict[str, Any]:
         """Move `name@alias` back to its previous holder."""
-        state = request.app.state
+        state = state_of(request.app)
         await run_in_threadpool(_check_may_move, state.store, who, name)
         return await run_in_threadpool(lambda: registry.rollback(
             name, body.alias, actor=who.user, reason=body.reason, config=state.settings.config))

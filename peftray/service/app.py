@@ -23,7 +23,7 @@ from peftray.service import adapters_api
 from peftray.service.auth import Principal, authenticate, issue_token
 from peftray.service.executor import RayExecutor
 from peftray.service.intake import read_body, validate_spec
-from peftray.service.scheduler import Scheduler
+from peftray.service.runtime import start_state, state_of, stop_state
 from peftray.service.settings import ServiceSettings
 from peftray.service.store import ACTIVE, CANCELLED, QUEUED, JobRecord, JobStore
 
@@ -75,12 +75,12 @@ class BodyLimit:
 
 def principal(request: Request) -> Principal:
     """FastAPI dependency: the authenticated caller (401 otherwise)."""
-    state = request.app.state
+    state = state_of(request.app)
     return authenticate(request.headers.get("authorization"), state.store, state.settings.admin_token)
 
 
 def _owned_job(request: Request, job_id: str, who: Principal) -> JobRecord:
-    job = request.app.state.store.get(job_id, with_transitions=True)
+    job = state_of(request.app).store.get(job_id, with_transitions=True)
     who.check_owns(job)
     return job
 
@@ -91,26 +91,25 @@ class TokenRequest(BaseModel):
     admin: bool = Field(False, description="give the token admin rights")
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
-    """The FastAPI app of the control plane (settings default to `ServiceSettings.from_env()`)."""
+def create_app(settings: ServiceSettings | None = None, manage_state: bool = True) -> FastAPI:
+    """The FastAPI app of the control plane (settings default to `ServiceSettings.from_env()`).
+
+    With `manage_state` the app's lifespan runs `start_state`/`stop_state`; a host that manages the lifetime
+    itself (a Ray Serve replica, `peftray.service.serve_app`) passes False: the first request starts them.
+    """
     settings = settings or ServiceSettings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.settings = settings
-        app.state.store = JobStore(settings.db_url)
-        app.state.executor = RayExecutor(settings)
-        app.state.scheduler = Scheduler(app.state.store, app.state.executor, settings)
-        if settings.run_scheduler:
-            app.state.scheduler.start()
+        start_state(app, settings)
         try:
             yield
         finally:
-            app.state.scheduler.stop()
-            app.state.store.close()
+            stop_state(app)
 
-    app = FastAPI(title="peftray control plane", version="1", lifespan=lifespan,
+    app = FastAPI(title="peftray control plane", version="1", lifespan=lifespan if manage_state else None,
                   description="Submit, track, cancel and promote parameter-efficient fine-tuning jobs on Ray.")
+    app.state.settings = settings  # without manage_state, the first request starts the rest (`state_of`)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _job_routes(app)
@@ -118,7 +117,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     adapters_api.install(app, principal)
 
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, Any]:
+    def healthz(request: Request) -> dict[str, Any]:
+        state_of(request.app)  # a Serve replica's first health probe opens the store and starts the scheduler
         return {"ok": True}
 
     @app.get("/v1/whoami", tags=["service"])
@@ -129,7 +129,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def create_token(body: TokenRequest, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         """Issue an API token for a user (admin only). The token is shown once; only its sha256 is stored."""
         who.check_admin("issuing tokens")
-        return {"user": body.user, "token": issue_token(request.app.state.store, body.user, body.admin)}
+        return {"user": body.user, "token": issue_token(state_of(request.app).store, body.user, body.admin)}
 
     return app
 
@@ -143,7 +143,7 @@ def _job_routes(app: FastAPI) -> None:
         Send an `Idempotency-Key` header to make retries safe: the same key (per user) returns the job the
         first request created (200) instead of making another (201). `?dry_run=true` only validates.
         """
-        state = request.app.state
+        state = state_of(request.app)
         body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
         spec = validate_spec(body, request.headers.get("content-type"))
         spec_json = spec.model_dump(mode="json")
@@ -165,7 +165,8 @@ def _job_routes(app: FastAPI) -> None:
         """Jobs newest first; a user sees their own, the admin everyone's (or one `owner`'s)."""
         if not who.is_admin:
             owner = who.user
-        jobs, nxt = request.app.state.store.list_jobs(owner=owner, state=state, name=name, limit=limit, before=cursor)
+        store = state_of(request.app).store
+        jobs, nxt = store.list_jobs(owner=owner, state=state, name=name, limit=limit, before=cursor)
         return {"jobs": [j.to_api() for j in jobs], "next_cursor": nxt}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -176,7 +177,7 @@ def _job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], status_code=202)
     def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         """Cancel a job: a queued one at once; a started one by stopping its Ray job (and so its workers)."""
-        store, executor = request.app.state.store, request.app.state.executor
+        store, executor = state_of(request.app).store, state_of(request.app).executor
         job = _owned_job(request, job_id, who)
         if job.state == QUEUED and store.transition(job.id, CANCELLED, f"cancelled by {who.user}", [QUEUED]):
             return store.get(job.id, with_transitions=True).to_api()
@@ -197,14 +198,14 @@ def _stream_routes(app: FastAPI) -> None:
                    who: Principal = Depends(principal)) -> StreamingResponse:
         """State changes, progress and the result as NDJSON; `follow=true` streams until the job ends."""
         _owned_job(request, job_id, who)
-        return StreamingResponse(_events(request.app.state.store, job_id, follow, after), media_type=NDJSON)
+        return StreamingResponse(_events(state_of(request.app).store, job_id, follow, after), media_type=NDJSON)
 
     @app.get("/v1/jobs/{job_id}/logs", tags=["jobs"])
     def job_logs(job_id: str, request: Request, follow: bool = False,
                  who: Principal = Depends(principal)) -> StreamingResponse:
         """The job's output (driver and workers) as text; `follow=true` streams until the job ends."""
         _owned_job(request, job_id, who)
-        state = request.app.state
+        state = state_of(request.app)
         return StreamingResponse(_logs(state.store, state.executor, job_id, follow), media_type="text/plain")
 
 

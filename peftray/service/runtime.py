@@ -1,0 +1,37 @@
+"""What a running control plane holds on `app.state`: settings, job store, executor, scheduler thread."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from peftray.service.executor import RayExecutor
+from peftray.service.scheduler import Scheduler
+from peftray.service.settings import ServiceSettings
+from peftray.service.store import JobStore
+
+_init_lock = threading.Lock()
+
+
+def start_state(app: Any, settings: ServiceSettings) -> None:
+    """Open the job store, make the executor and start the scheduler thread on `app.state`."""
+    app.state.settings = settings
+    app.state.store = JobStore(settings.db_url)
+    app.state.executor = RayExecutor(settings)
+    app.state.scheduler = Scheduler(app.state.store, app.state.executor, settings)
+    if settings.run_scheduler:
+        app.state.scheduler.start()
+
+
+def stop_state(app: Any) -> None:
+    app.state.scheduler.stop()
+    app.state.store.close()
+
+
+def state_of(app: Any) -> Any:
+    """`app.state`, started on first use where no lifespan started it (a Ray Serve replica's copy of the app)."""
+    if not hasattr(app.state, "store"):
+        with _init_lock:
+            if not hasattr(app.state, "store"):
+                start_state(app, app.state.settings)
+    return app.state
