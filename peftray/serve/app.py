@@ -114,7 +114,8 @@ class AdapterEngine:
     async def stats(self) -> dict:
         e = self.engine
         return {"adapters": e.loaded_adapters(), "running": e.running, "queued": e.queued, "steps": e.steps,
-                "tokens": e.tokens, "loads": e.slots.loads, "evictions": e.slots.evictions, "pid": os.getpid()}
+                "tokens": e.tokens, "loads": e.slots.loads, "evictions": e.slots.evictions, "pid": os.getpid(),
+                "rss_mb": _rss_mb()}
 
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():
@@ -124,6 +125,14 @@ class AdapterEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+def _rss_mb() -> float:
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def load_engine(spec: ServeConfig):

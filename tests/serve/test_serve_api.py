@@ -139,3 +139,68 @@ def test_bad_input_gets_openai_errors(served):
         _complete(_client(dep, key="wrong-key-123"), ok["model"])
     with pytest.raises(openai.NotFoundError):
         _complete(_client(dep), "nope@production")
+
+
+def _burst(dep, model: str, n: int, max_tokens: int = 24):
+    def one(_):
+        start = time.monotonic()
+        try:
+            r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+            return r.status_code, time.monotonic() - start, r
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, time.monotonic() - start, None
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _engine_stats(info):
+    from ray import serve
+
+    return serve.get_deployment_handle("AdapterEngine", info["spec"].name).stats.remote().result()
+
+
+def test_overload_is_refused_fast_and_accepted_requests_succeed(served):
+    dep, info = served
+    model = f"{info['names'][1]}/1"
+    capacity = info["spec"].max_ongoing_requests + info["spec"].max_queued_requests
+    rss = []
+    for _ in range(2):
+        results = _burst(dep, model, 10 * capacity)
+        codes = [c for c, _, _ in results]
+        assert set(codes) <= {200, 429, 503}, codes
+        refused = [(c, t, r) for c, t, r in results if c in (429, 503)]
+        assert refused and codes.count(200) >= capacity // 2
+        assert all(r.headers.get("retry-after") for _, _, r in refused)
+        assert max(t for _, t, _ in refused) < 5.0  # refused quickly, not after waiting
+        for c, _, r in results:
+            if c == 200:
+                assert r.json()["choices"][0]["text"] and r.json()["usage"]["completion_tokens"] > 0
+        rss.append(_engine_stats(info)["rss_mb"])
+    assert rss[1] - rss[0] < 100, rss  # memory flat between two overload bursts
+
+
+def test_killed_replica_under_load_no_hang_and_recovers(served):
+    import ray
+    from ray import serve
+
+    dep, info = served
+    app = info["spec"].name
+    model = f"{info['names'][1]}/1"
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if "AdapterEngine" in a["name"] and app in a["name"]]
+    assert victims
+    with cf.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(_burst, dep, model, 6, 48)
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+        results = load.result(timeout=90)  # nothing hangs
+    assert {c for c, _, _ in results} <= {200, 429, 503}, [c for c, _, _ in results]
+    deadline = time.monotonic() + 120
+    while True:
+        r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0})
+        if r.status_code == 200 and str(serve.status().applications[app].status).endswith("RUNNING"):
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(1)
+    assert r.json()["choices"][0]["text"] == info["answers"][1]
