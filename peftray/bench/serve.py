@@ -1,0 +1,163 @@
+"""`peftray bench serve`: the serving engine against its baselines, in one run (CPU or GPU).
+
+Per model (the tiny Llama and a hidden-512 Llama config), in-process, greedy, same workload:
+- mixed: 32 concurrent requests spread over 16 LoRA adapters, tokens/s ÷ the same 32 on ONE adapter (goal >= 0.8);
+- the mixed workload ÷ HF PEFT in one process, `set_adapter` + `generate` per request (goal >= 5);
+- adapter latency: a request whose adapter is not loaded yet (cold: read from disk into a slot) vs loaded (warm).
+Writes bench-results/serve.json and prints a table. The Serve HTTP overhead is measured by the Serve tests'
+deployment, not here (this benchmark needs no cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from peftray.bench._tuners_setup import peft_baseline
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _models(root: Path, quick: bool) -> dict[str, Path]:
+    from peftray.models import TinyLlamaSpec, make_tiny_llama
+
+    out = {"tiny": make_tiny_llama(root / "tiny")}
+    if not quick:
+        out["llama-h512"] = make_tiny_llama(root / "h512", TinyLlamaSpec(
+            hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4))
+    return out
+
+
+def _adapters(base_dir: Path, root: Path, n: int) -> list[Path]:
+    import peftray
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        m = peftray.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                   peftray.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
+        m.save_pretrained(root / f"a{i}")
+        out.append(root / f"a{i}")
+    return out
+
+
+def _run_engine(engine, jobs, params) -> tuple[float, int]:
+    """Submit all jobs at once; (seconds, completion tokens)."""
+    done = []
+    start = time.perf_counter()
+    threads = [threading.Thread(target=lambda j=j: done.append(engine.generate(j[0], params, j[1])))
+               for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, sum(ev.completion_tokens for ev in done)
+
+
+def _hf_peft(base_dir: Path, folders: list[Path], jobs_idx, prompts, max_new: int) -> tuple[float, int]:
+    peft = peft_baseline()
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(folders[0]),
+                                           adapter_name="a0")
+    for i, f in enumerate(folders[1:], 1):
+        model.load_adapter(str(f), adapter_name=f"a{i}")
+    model.eval()
+    tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for ids, a in zip(prompts, jobs_idx):
+            model.set_adapter(f"a{a}")
+            t = torch.tensor([ids])
+            out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=0)
+            tokens += out.shape[1] - t.shape[1]
+    return time.perf_counter() - start, tokens
+
+
+def _latency(engine, folders: list[Path], ids, params, reps: int) -> dict[str, float]:
+    cold, warm = [], []
+    for r in range(reps):
+        key = f"cold-{r}"
+        start = time.perf_counter()
+        slot = engine.slots.acquire(key, folders[r % len(folders)])
+        engine.generate(ids, params, slot)
+        cold.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine.generate(ids, params, engine.slots.acquire(key, folders[r % len(folders)]))
+        warm.append(time.perf_counter() - start)
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+    return {"cold_p50_ms": pct(cold, 0.5), "cold_p99_ms": pct(cold, 0.99), "warm_p50_ms": pct(warm, 0.5),
+            "warm_p99_ms": pct(warm, 0.99)}
+
+
+def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftray.serve.engine import GenerationEngine, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    folders = _adapters(base_dir, root / name, args.adapters)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(base_dir).to(device), tok,
+                              max_batch_size=args.requests, max_queue=4 * args.requests,
+                              max_adapters=args.adapters + 4)
+    try:
+        slots = [engine.slots.acquire(f"a{i}", f) for i, f in enumerate(folders)]
+        prompts = [tok.encode(f"request {i}: the quick brown fox jumps over the lazy dog") for i in range(args.requests)]
+        # min_tokens by banning EOS would change the model; random weights rarely emit it within max_tokens
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+        _run_engine(engine, [(prompts[0], slots[0])] * 4, params)  # warm-up
+        idx = [i % args.adapters for i in range(args.requests)]
+        t_mixed, n_mixed = _run_engine(engine, [(p, slots[a]) for p, a in zip(prompts, idx)], params)
+        t_single, n_single = _run_engine(engine, [(p, slots[0]) for p in prompts], params)
+        t_hf, n_hf = _hf_peft(base_dir, folders, idx, prompts, args.max_tokens)
+        lat = _latency(engine, folders, prompts[0], params, args.latency_reps)
+    finally:
+        engine.close()
+    mixed, single, hf = n_mixed / t_mixed, n_single / t_single, n_hf / t_hf
+    return {"model": name, "device": device, "mixed_tok_s": mixed, "single_adapter_tok_s": single,
+            "hf_peft_set_adapter_tok_s": hf, "mixed_over_single": mixed / single, "mixed_over_hf_peft": mixed / hf,
+            **lat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="peftray bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--latency-reps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny model only")
+    p.add_argument("--out", default="bench-results/serve.json")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on CPU, same for engine and baseline (1 avoids OpenMP spin contention on "
+                        "shared machines)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="peftray-bench-serve-") as tmp:
+        root = Path(tmp)
+        rows = [bench_model(name, d, root, args) for name, d in _models(root, args.quick).items()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": vars(args), "results": rows,
+                               "goals": {"mixed_over_single": 0.8, "mixed_over_hf_peft": 5.0}}, indent=2))
+    from peftray.tables import table
+
+    keys = ["mixed_tok_s", "single_adapter_tok_s", "hf_peft_set_adapter_tok_s", "mixed_over_single",
+            "mixed_over_hf_peft", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms"]
+    print(table(["metric", *[r["model"] for r in rows]], [[k, *[f"{r[k]:.2f}" for r in rows]] for k in keys]))
+    print(f"goals: mixed/single >= 0.8, mixed/HF PEFT >= 5; JSON in {out}")
+    return 0
