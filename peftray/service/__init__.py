@@ -4,7 +4,8 @@
     JobStore(db_url)                       RayExecutor(settings)
     ServiceClient(url, token)              (HTTP client used by the CLI and benchmarks)
 
-Run it with `peftray service up` (local stack) or `python -m peftray.service --host H --port P`.
+Run it with `peftray service up` (local stack), `python -m peftray.service --host H --port P`, or as a Ray Serve
+application: `serve.run(peftray.service.serve_app.build(), route_prefix="/control")`.
 """
 
 from __future__ import annotations
