@@ -16,7 +16,7 @@ import pytest
 import yaml
 from svc_helpers import launch, tiny_spec
 
-from peftray.errors import NotFoundError
+from peftray.errors import ForbiddenError, NotFoundError
 from peftray.service.client import ServiceClient
 from peftray.stack import procs
 
@@ -108,11 +108,27 @@ def test_cli_jobs_succeed_and_fail_one_at_a_time_per_user(stack, ray_service, cl
     assert ok["created_at"] <= ok["started_at"] <= ok["running_at"] <= ok["finished_at"]
     assert ok["progress"]["step"] == ok["progress"]["total_steps"] == 4
     _check_registered(stack, ok)
+    _check_promotion(svc, clients, ok, token)
     bad_out = bad_cli.communicate(timeout=240)[0]
     assert bad_cli.returncode == 1, bad_out
     failed = alice.get(bad_id)
     assert failed["state"] == "failed" and "no-such-data.jsonl" in failed["error"]
     assert failed["model_version"] is None
+
+
+def _check_promotion(svc, clients, ok: dict, token: str) -> None:
+    """`peftray promote` (HTTP) by the job's owner works; another user is refused; the registry shows the alias."""
+    name, version = ok["model_name"], int(ok["model_version"])
+    with pytest.raises(ForbiddenError):
+        clients["bob"].promote(name, version, "staging")
+    env = {**os.environ, "PEFTRAY_SERVICE_URL": svc.url, "PEFTRAY_TOKEN": token}
+    done = subprocess.run([sys.executable, "-m", "peftray", "promote", name, str(version), "--alias", "staging"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"{name}@staging -> version {version}" in done.stdout, done.stderr
+    alice = clients["alice"]
+    assert name in [a["name"] for a in alice.request("GET", "/v1/adapters")["adapters"]]
+    listed = {v["version"]: v for v in alice.request("GET", f"/v1/adapters/{name}/versions")["versions"]}
+    assert "staging" in listed[version]["aliases"]
 
 
 def _job_id_of(client, name: str) -> str:
