@@ -79,19 +79,29 @@ def start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, float
     """
     for attempt in range(attempts):
         node = _start_node(cfg, name, num_cpus, resources, tmp, env_extra)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and procs.process_of(node.proc) is not None:
-            try:
-                mine = [n["nodeId"] for n in alive_nodes(cfg)
-                        if int(n["nodeManagerPort"]) == node.proc.ports["node_manager"]]
-            except OSError:  # the dashboard is slow to answer on a saturated machine: ask again
-                mine = []
-            if mine:
-                node.node_id = mine[0]
+        try:
+            if _wait_registered(cfg, node):
                 return node
-            time.sleep(0.5)
+        except BaseException:
+            node.stop()
+            raise
         node.stop()
     raise AssertionError(f"{name} did not join the cluster in {attempts} attempts:\n{procs.log_tail(node.proc, 30)}")
+
+
+def _wait_registered(cfg: Config, node: Node, timeout: float = 120) -> bool:
+    """Wait until the GCS lists the node (matched by its node manager port); False if `ray start` gave up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and procs.process_of(node.proc) is not None:
+        try:
+            mine = [n["nodeId"] for n in alive_nodes(cfg) if int(n["nodeManagerPort"]) == node.proc.ports["node_manager"]]
+        except OSError:  # the dashboard is slow to answer on a saturated machine: ask again
+            mine = []
+        if mine:
+            node.node_id = mine[0]
+            return True
+        time.sleep(0.5)
+    return False
 
 
 class Driver:
