@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,16 @@ class Config:
         return env
 
     def apply_env(self) -> None:
-        """Export `env()` into this process so libraries that read the environment find the servers."""
+        """Export `env()` into this process so libraries that read the environment find the servers.
+
+        Ray caches its auth mode when it first loads its config; if Ray was imported before the token mode
+        was exported here, the cache is refreshed (as `ray.init` does itself when it turns token auth on),
+        or the driver would reach a token-protected cluster without its token and fail to connect.
+        """
+        before = os.environ.get("RAY_AUTH_MODE")
         os.environ.update(self.env())
+        if os.environ.get("RAY_AUTH_MODE") != before and "ray._raylet" in sys.modules:
+            sys.modules["ray._raylet"].Config.initialize("")
 
 
 def default_state_dir() -> Path:

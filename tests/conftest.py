@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+# Every Ray cluster the tests start or join uses token auth; Ray reads the mode once, so set it before any import.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 # PostgreSQL for the tests that run the job store / MLflow on production's database (these machines run one).
 PG_URL = os.environ.get("PEFTRAY_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")

@@ -24,9 +24,10 @@ ACTIVE = (STARTING, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, *ACTIVE, *TERMINAL)
 
+# Every table is prefixed so the job store can share a database with MLflow (which has its own `jobs`).
 meta = sa.MetaData()
 jobs = sa.Table(
-    "jobs", meta,
+    "peftray_jobs", meta,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False, unique=True),
     sa.Column("name", sa.String(100), nullable=False, index=True),
@@ -49,10 +50,10 @@ jobs = sa.Table(
     sa.Column("running_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     # a retried POST with the same key (per owner) finds the job the first one made
-    sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+    sa.UniqueConstraint("owner", "idempotency_key", name="uq_peftray_jobs_owner_idempotency_key"),
 )
 events = sa.Table(
-    "job_events", meta,
+    "peftray_job_events", meta,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(40), nullable=False, index=True),
     sa.Column("at", sa.Float, nullable=False),
@@ -62,14 +63,14 @@ events = sa.Table(
     sa.Column("data", sa.Text),
 )
 tokens = sa.Table(
-    "api_tokens", meta,
+    "peftray_api_tokens", meta,
     sa.Column("token_sha256", sa.String(64), primary_key=True),  # the token itself is never stored
     sa.Column("user", sa.String(100), nullable=False, index=True),
     sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 # One row; claiming a queued job first bumps it, which serialises claims across threads, processes and replicas.
-claim_lock = sa.Table("scheduler_lock", meta, sa.Column("id", sa.Integer, primary_key=True),
+claim_lock = sa.Table("peftray_scheduler_lock", meta, sa.Column("id", sa.Integer, primary_key=True),
                       sa.Column("n", sa.Integer, nullable=False))
 
 _JSON_FIELDS = ("spec", "metrics", "progress")

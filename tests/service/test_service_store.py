@@ -95,5 +95,5 @@ def test_tokens_are_stored_as_hashes(store):
     assert store.token_owner(token_hash(token)) == ("alice", False)
     assert store.token_owner(token_hash(token + "x")) is None
     with store.engine.connect() as conn:
-        dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM api_tokens")) for v in row)
+        dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM peftray_api_tokens")) for v in row)
     assert token not in dump and token_hash(token) in dump

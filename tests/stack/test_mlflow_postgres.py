@@ -12,6 +12,11 @@ pytestmark = pytest.mark.slow
 def test_mlflow_server_on_postgres_keeps_runs_and_registry(stack, pg_url, tmp_path, unique_name):
     import mlflow
 
+    from peftray.service.store import JobStore
+
+    # Production often gives MLflow and the job store one database: both schemas must fit side by side.
+    store = JobStore(pg_url)
+    store.engine.dispose()
     opts = servers.Options(state_dir=tmp_path, db_url=pg_url)
     creds = {"aws_access_key_id": stack.aws_access_key_id, "aws_secret_access_key": stack.aws_secret_access_key,
              "mlflow_username": stack.mlflow_username, "mlflow_password": stack.mlflow_password}
@@ -39,6 +44,7 @@ def test_mlflow_server_on_postgres_keeps_runs_and_registry(stack, pg_url, tmp_pa
     engine = sa.create_engine(pg_url)
     with engine.connect() as conn:
         names = [r[0] for r in conn.execute(sa.text("SELECT name FROM registered_models"))]
+        assert conn.execute(sa.text("SELECT count(*) FROM peftray_jobs")).scalar_one() >= 0
         metric = conn.execute(sa.text("SELECT value FROM metrics WHERE key = 'eval_loss'")).scalar_one()
     engine.dispose()
     assert unique_name in names and metric == 1.25
