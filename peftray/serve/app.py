@@ -147,8 +147,11 @@ def load_engine(spec: ServeConfig):
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype).to(device).eval()
+    from peftray.models import local_model_dir
+
+    path = local_model_dir(spec.base_model)  # an s3:// base model is downloaded once per node
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     engine = GenerationEngine(model, tokenizer, max_batch_size=spec.max_batch_size,
                               max_queue=spec.max_ongoing_requests, max_adapters=spec.max_adapters_per_replica)
     return engine, tokenizer
@@ -213,3 +216,24 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
     engine = AdapterEngine.options(**engine_opts).bind(spec.model_dump())
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
         engine, spec.model_dump(), api_key)
+
+
+def app_builder(args: dict[str, Any]):
+    """Ray Serve application builder for `serve run` / `serveConfigV2` (KubeRay's RayService).
+
+    `args` holds the fields of a serve spec (see `peftray.serve.config.ServeConfig`); endpoints and credentials
+    come from the environment of the cluster's nodes (`PEFTRAY_*`, `MLFLOW_*`, `AWS_*`), and the API key from
+    `api_key` or `PEFTRAY_SERVE_API_KEY`. A serve application without a key is refused.
+
+        import_path: peftray.serve.app:app_builder
+        args: {base_model: s3://peftray/models/tiny-llama, adapters: ["*"], num_gpus: 1, device: cuda}
+    """
+    from peftray.config import load_config
+    from peftray.serve.config import load_serve_config
+
+    spec = load_serve_config(dict(args or {}))
+    api_key = spec.api_key or os.environ.get("PEFTRAY_SERVE_API_KEY")
+    if not api_key:
+        raise PeftrayError("the serve application needs an API key: set `api_key` in its args or "
+                           "PEFTRAY_SERVE_API_KEY in the cluster's environment")
+    return build_app(spec, load_config().env(), api_key)

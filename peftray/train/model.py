@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import torch
 
@@ -16,22 +14,9 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 def resolve_base(spec: JobSpec, config=None) -> str:
     """A local folder or hub id `from_pretrained` can read; an s3:// model is downloaded once to the cache."""
-    path = spec.base_model.path
-    if not path.startswith("s3://"):
-        return path
-    from peftray.config import load_config
+    from peftray.models import local_model_dir
 
-    cfg = config or load_config()
-    dest = Path(cfg.cache_dir) / "base-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
-    if (dest / ".complete").exists():
-        return str(dest)
-    fs = cfg.s3fs()
-    root = path.removeprefix("s3://").rstrip("/")
-    if not fs.exists(root):
-        raise ConfigError(f"`base_model.path` {path} does not exist in object storage")
-    fs.get(root + "/", str(dest) + "/", recursive=True)
-    (dest / ".complete").touch()  # a crash mid-download leaves no marker, so the next run downloads again
-    return str(dest)
+    return local_model_dir(spec.base_model.path, config, field="base_model.path")
 
 
 def load_tokenizer(spec: JobSpec, path: str):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 
 import pytest
 import ray
 import yaml
+
+from peftray.serve.config import load_serve_config
 
 from cluster_checks import (
     PEFTRAY_IMAGE, RAY_KINDS, ROOT, containers, image_problems, inline_secret_problems, load_docs,
@@ -98,6 +101,15 @@ def test_rayservice_serves_and_survives_head_failure():
     svc = _one("RayService")
     apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
     assert apps and all(re.fullmatch(r"peftray\.serve[\w.]*:\w+", a["import_path"]) for a in apps)
+    for app in apps:
+        # The import path names a real application builder and its args are a valid serve spec, with no
+        # per-deployment overrides naming deployments the app does not have.
+        module, attr = app["import_path"].split(":")
+        builder = getattr(__import__(module, fromlist=[attr]), attr)
+        assert list(inspect.signature(builder).parameters) == ["args"]
+        spec = load_serve_config(app["args"])
+        assert spec.device == "cuda" and spec.num_gpus >= 1 and spec.base_model.startswith("s3://")
+        assert not app.get("deployments")
     ft = ray_cluster_spec(svc)["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] and ft["externalStorageNamespace"]
     assert "secretKeyRef" in ft["redisPassword"]["valueFrom"]
@@ -163,3 +175,19 @@ def test_compose_parses_and_binds_loopback_only():
             if re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", key):
                 assert re.fullmatch(r"\$\{\w+(:\?[^}]*)?\}", str(value)), f"{name}.{key} must come from .env"
     assert "postgresql" in compose["services"]["mlflow"]["command"]
+
+
+def test_rayservice_builder_needs_a_key_and_builds_the_app(monkeypatch):
+    from ray.serve import Application
+
+    from peftray.errors import PeftrayError
+    from peftray.serve.app import app_builder
+
+    args = yaml.safe_load(_one("RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    monkeypatch.delenv("PEFTRAY_SERVE_API_KEY", raising=False)
+    with pytest.raises(PeftrayError, match="PEFTRAY_SERVE_API_KEY"):
+        app_builder(args)
+    monkeypatch.setenv("PEFTRAY_SERVE_API_KEY", "k" * 32)
+    assert isinstance(app_builder(args), Application)
+    with pytest.raises(Exception, match="max_adapters_per_replica"):
+        app_builder({**args, "max_adapters_per_replica": 0})
