@@ -28,7 +28,7 @@ def _client(args):
 
 # ---- peftray submit ---------------------------------------------------------------------------------------------
 def register_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="job spec YAML file (e.g. jobs/tiny-lora.yaml)")
+    p.add_argument("spec", help="job spec YAML file (e.g. jobs/tiny-lora-instruct.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. training.max_steps=10")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--follow", dest="wait", action="store_true", default=True,

@@ -42,7 +42,7 @@ class ServeConfig(BaseModel):
     max_adapters_per_replica: int = Field(8, ge=1, description="adapter slots per replica (LRU eviction)")
     max_batch_size: int = Field(16, ge=1, description="most rows in one forward pass")
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
-    max_queued_requests: int = Field(64, ge=0, description="requests waiting for a replica; beyond: 503")
+    max_queued_requests: int = Field(64, ge=0, description="requests waiting for a replica; beyond: 429 with Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is cut off (504)")
     alias_poll_s: float = Field(2.0, gt=0, description="how often aliases are re-read: the promotion bound")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none")

@@ -27,13 +27,33 @@ def scaling_config(resources: ResourcesSpec):
         kwargs["use_gpu"] = True
     if resources.use_tpu:
         kwargs.update(use_tpu=True, topology=resources.topology)
-        per_worker["TPU"] = 1  # Ray Train replaces this with the slice's per-host TPU count when it knows it
+        per_worker.update(_tpu_host(resources))
     if resources.accelerator_type:
         kwargs["accelerator_type"] = resources.accelerator_type
     try:
         return ScalingConfig(resources_per_worker=per_worker, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"`resources`: Ray Train refuses this combination: {exc}") from None
+
+
+def _tpu_host(resources: ResourcesSpec) -> dict[str, float]:
+    """One Ray Train worker per TPU host, holding all of that host's chips: `num_workers` must be the number
+    of hosts in the slice (e.g. 4 for a v6e 4x4 slice of 4 hosts x 4 chips, 1 for a v4 2x2x1)."""
+    if not (resources.topology and resources.accelerator_type):
+        return {"TPU": 1}  # no slice named: one chip per worker, placed wherever TPUs are
+    from ray.util.tpu import get_tpu_worker_resources
+
+    try:
+        hosts, per_host = get_tpu_worker_resources(topology=resources.topology,
+                                                   accelerator_type=resources.accelerator_type)
+    except ValueError as exc:
+        raise ConfigError(f"`resources.topology` {resources.topology!r} with `resources.accelerator_type` "
+                          f"{resources.accelerator_type!r}: {exc}") from None
+    if resources.num_workers != hosts:
+        raise ConfigError(f"`resources.num_workers` is {resources.num_workers}, but a {resources.accelerator_type} "
+                          f"{resources.topology} slice has {hosts} host(s) of {per_host['TPU']:g} chips; peftray runs "
+                          f"one worker per host, so set resources.num_workers={hosts}")
+    return {"TPU": float(per_host["TPU"])}
 
 
 def torch_backend(resources: ResourcesSpec):

@@ -20,7 +20,7 @@ from peftray.config import Config
 from peftray.stack import procs, servers
 from peftray.stack.procs import Proc
 
-REDIS_ADDRESS = "127.0.0.1:6379"
+REDIS_ADDRESS = os.environ.get("PEFTRAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0").split("//", 1)[1].split("/")[0]
 
 
 @dataclass

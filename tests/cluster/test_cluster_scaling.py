@@ -29,10 +29,6 @@ def test_cpu_workers_default_to_pack():
     assert sc.resources_per_worker == {"CPU": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "peftray/train/scaling.py asks for TPU=1 per worker, so Ray wants 16 workers for a 4x4 slice; it should "
-    "use ray.util.tpu.get_tpu_worker_resources(topology, accelerator_type) (4 hosts x 4 chips). Remove this "
-    "mark once scaling.py does."))
 def test_tpu_slice_matches_the_kuberay_tpu_group():
     """The RayCluster's tpu-v6e-4x4 group: 4 hosts x 4 chips; a spec asking for that slice fits it."""
     from ray.util.tpu import get_tpu_worker_resources
@@ -40,7 +36,16 @@ def test_tpu_slice_matches_the_kuberay_tpu_group():
     sc = scaling_config(_resources(num_workers=4, use_tpu=True, topology="4x4", accelerator_type="TPU-V6E"))
     assert (sc.use_tpu, sc.topology, sc.accelerator_type, sc.num_workers) == (True, "4x4", "TPU-V6E", 4)
     hosts, per_host = get_tpu_worker_resources(topology="4x4", accelerator_type="TPU-V6E")
-    assert sc.num_workers == hosts and per_host["TPU"] == 4
+    assert sc.num_workers == hosts and per_host["TPU"] == 4 and sc.resources_per_worker["TPU"] == 4
+
+
+def test_tpu_workers_must_match_the_slice_hosts():
+    from peftray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num_workers` is 16.*4 host\(s\) of 4 chips.*num_workers=4"):
+        scaling_config(_resources(num_workers=16, use_tpu=True, topology="4x4", accelerator_type="TPU-V6E"))
+    with pytest.raises(ConfigError, match="topology"):
+        scaling_config(_resources(num_workers=1, use_tpu=True, topology="3x7", accelerator_type="TPU-V6E"))
 
 
 def test_example_tpu_job_builds():
