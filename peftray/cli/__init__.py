@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from peftray.errors import PeftrayError
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.state_dir:  # every command (and what it starts) finds the same stack
+        os.environ["PEFTRAY_STATE_DIR"] = str(Path(args.state_dir).absolute())
     try:
         return int(args.func(args) or 0)
     except PeftrayError as exc:

@@ -207,7 +207,8 @@ def register_promote(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", help="why (goes to the audit log)")
     p.add_argument("--metric", help="gate: the metric that must pass")
     p.add_argument("--threshold", type=float, help="gate: the metric must reach this value")
-    p.add_argument("--no-worse-than-current", action="store_true", help="gate: no worse than the alias's holder")
+    p.add_argument("--no-worse-than-current", "--no-worse", dest="no_worse_than_current", action="store_true",
+                   help="gate: no worse than the alias's holder")
     p.add_argument("--lower-is-better", action="store_true", help="gate: the metric is a loss")
     p.set_defaults(func=_promote)
 

@@ -37,7 +37,8 @@ def register(p: argparse.ArgumentParser) -> None:
     pro.add_argument("alias")
     pro.add_argument("--metric", help="metric the gate checks")
     pro.add_argument("--threshold", type=float, help="gate: metric must reach this value")
-    pro.add_argument("--no-worse", action="store_true", help="gate: metric no worse than the current holder's")
+    pro.add_argument("--no-worse", "--no-worse-than-current", dest="no_worse", action="store_true",
+                     help="gate: metric no worse than the current holder's")
     pro.add_argument("--lower-is-better", action="store_true", help="the metric is a loss (default: higher is better)")
     pro.add_argument("--tolerance", type=float, default=0.0, help="slack for --no-worse (default 0)")
     pro.add_argument("--serving-base", help="base model the alias serves; a version for another base is refused")
