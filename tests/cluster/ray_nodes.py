@@ -174,6 +174,20 @@ def alive_nodes(cfg: Config) -> list[dict]:
     return [n["raylet"] for n in summary if n["raylet"]["state"] == "ALIVE"]
 
 
+def head_node_id(cfg: Config) -> str:
+    """The alive head node's id (after a head restart the old head's id is dead and a new one is alive)."""
+    heads = [n["nodeId"] for n in alive_nodes(cfg) if n.get("isHeadNode")]
+    assert len(heads) == 1, f"expected one alive head node, found {heads}"
+    return heads[0]
+
+
+def wait_node_gone(cfg: Config, node_id: str, timeout: float = 90) -> None:
+    """Wait until the GCS no longer lists a stopped node as alive (its health checks must fail first)."""
+    deadline = time.monotonic() + timeout
+    while node_id in {n["nodeId"] for n in alive_nodes(cfg)} and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 def actors_of_class(cfg: Config, class_name: str) -> list[dict]:
     """Every actor of a class, alive or dead, with its node id (Ray's state API)."""
     data = dashboard_get(cfg, f"/api/v0/actors?limit=10000&detail=1&filter_keys=class_name"

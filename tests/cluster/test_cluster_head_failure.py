@@ -11,7 +11,7 @@ import pytest
 
 from peftray.stack import procs
 from conftest import start_head
-from ray_nodes import Driver, alive_nodes, crash, start_node, wait_for
+from ray_nodes import Driver, alive_nodes, crash, start_node, wait_for, wait_node_gone
 
 OUTAGE_SECONDS = 8
 
@@ -88,3 +88,9 @@ def test_serving_survives_head_failure_and_head_recovers(ft_cluster, tmp_path):
         if prober:
             prober.halt.set()
         node_c.stop()
+        # The next test on this cluster must not find node C still listed as alive.
+        if getattr(node_c, "node_id", None):
+            try:
+                wait_node_gone(cfg, node_c.node_id)
+            except Exception:  # noqa: BLE001 - the head may be down if the test failed mid-way
+                pass

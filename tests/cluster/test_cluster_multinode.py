@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cluster_checks import ROOT
-from ray_nodes import Driver, actors_of_class, alive_nodes, start_node, wait_for
+from ray_nodes import Driver, actors_of_class, head_node_id, start_node, wait_for
 
 MAX_STEPS, CHECKPOINT_EVERY = 40, 5
 
@@ -47,7 +47,7 @@ def _committed_checkpoint(fs, storage: str) -> bool:
 @pytest.mark.slow
 def test_training_spans_two_nodes_and_survives_losing_one(ft_cluster, tiny_model, tmp_path):
     cfg = ft_cluster.cfg
-    head_id = alive_nodes(cfg)[0]["nodeId"]
+    head_id = head_node_id(cfg)
     node_b = start_node(cfg, "node-b", num_cpus=1, resources={"node_b": 1}, tmp=tmp_path)
     name = f"mn{uuid.uuid4().hex[:8]}"
     _job_spec(tmp_path / "job.yaml", name, tiny_model)

@@ -172,7 +172,12 @@ def test_overload_is_refused_fast_and_accepted_requests_succeed(served):
         refused = [(c, t, r) for c, t, r in results if c in (429, 503)]
         assert refused and codes.count(200) >= capacity // 2
         assert all(r.headers.get("retry-after") for _, _, r in refused)
-        assert max(t for _, t, _ in refused) < 5.0  # refused quickly, not after waiting
+        # Refused quickly, not after waiting: a typical refusal comes before the last accepted answer, and
+        # none waits anywhere near the request timeout (on a loaded 2-core machine the burst itself takes seconds).
+        refused_t = sorted(t for _, t, _ in refused)
+        accepted_t = sorted(t for c, t, _ in results if c == 200)
+        assert refused_t[len(refused_t) // 2] < accepted_t[-1], (refused_t, accepted_t)
+        assert refused_t[-1] < info["spec"].request_timeout_s / 4, refused_t
         for c, _, r in results:
             if c == 200:
                 assert r.json()["choices"][0]["text"] and r.json()["usage"]["completion_tokens"] > 0

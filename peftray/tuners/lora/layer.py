@@ -182,16 +182,22 @@ class Linear(LoraLayer):
         return result
 
     # --- mixed-adapter batches --------------------------------------------------------------------
-    def _stacked(self, order: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """A [N, r_max, in], B [N, out, r_max] (zero-padded) and scaling [N], cached until weights change."""
-        params = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in order if n in self.lora_A]
-        key = (order, dtype, self._generation, tuple((a._version, b._version) for a, b in params))
+    def _stacked(self, order: tuple[str, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+        """A [N, r_max, in], B [N, out, r_max] (zero-padded; B stored transposed, see `new_stacked_b`), scaling
+        [N] and the slots of DoRA adapters (not stacked), cached until an adapter is added/removed or a weight
+        changes (tracked by the tensors' version counters: in-place optimizer steps and loads bump them)."""
+        from peftray.ops import new_stacked_b
+
+        versions = [p._version for n in order if n in self.lora_A
+                    for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        key = (order, dtype, self._generation, tuple(versions))
         if key != self._stack_key:
             r_max = max([self.r[n] for n in order if n in self.lora_A] or [1])
             device = self.base_layer.weight.device
             a_st = torch.zeros(len(order), r_max, self.in_features, dtype=dtype, device=device)
-            b_st = torch.zeros(len(order), self.out_features, r_max, dtype=dtype, device=device)
+            b_st = new_stacked_b(len(order), self.out_features, r_max, dtype=dtype, device=device)
             scaling = torch.zeros(len(order), dtype=dtype, device=device)
+            dora = tuple(i for i, n in enumerate(order) if n in self.lora_magnitude_vector)
             with torch.no_grad():
                 for i, n in enumerate(order):
                     if n in self.lora_A and n not in self.lora_magnitude_vector:
@@ -199,7 +205,7 @@ class Linear(LoraLayer):
                         a_st[i, :r] = self.lora_A[n].weight
                         b_st[i, :, :r] = self.lora_B[n].weight
                         scaling[i] = self.scaling[n]
-            self._stack, self._stack_key = (a_st, b_st, scaling), key
+            self._stack, self._stack_key = (a_st, b_st, scaling, dora), key
         return self._stack
 
     def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
@@ -208,17 +214,17 @@ class Linear(LoraLayer):
         result = self.base_layer(x)
         if x.shape[0] != mixed.indices.shape[0]:
             raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
-        a, b, scaling = self._stacked(mixed.order, x.dtype)
+        a, b, scaling, dora = self._stacked(mixed.order, x.dtype)
         if result.dtype == x.dtype:  # accumulate into the base output (in place when autograd allows)
             result = lora_delta(x, a, b, scaling, mixed.plan, out=result)
         else:
             result = result + lora_delta(x, a, b, scaling, mixed.plan).to(result.dtype)
         # DoRA adapters are not in the stack (their term depends on the base output): one pass per segment.
-        for i, name in enumerate(mixed.order):
-            if name in self.lora_magnitude_vector:
-                rows = (mixed.indices == i).nonzero().flatten()
-                if rows.numel():
-                    result = result.index_add(0, rows, self._dora_term(name, x[rows], result[rows]).to(result.dtype))
+        for i in dora:
+            rows = (mixed.indices == i).nonzero().flatten()
+            if rows.numel():
+                name = mixed.order[i]
+                result = result.index_add(0, rows, self._dora_term(name, x[rows], result[rows]).to(result.dtype))
         return result
 
 
