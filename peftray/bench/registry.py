@@ -13,7 +13,6 @@ Uses the running local stack (`peftray stack up`), or starts a temporary one. Wr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import statistics
@@ -21,10 +20,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from peftray.cli.table import table
-from peftray.config import Config, load_config
+from peftray.bench.common import local_stack
+from peftray.tables import table
+from peftray.config import Config
 
 
 def write_adapter(path: Path, size_mb: float) -> Path:
@@ -117,31 +117,13 @@ def _print(result: dict[str, Any]) -> None:
           f"cold / cached = {r['fetch_cold_over_cached']:.1f}x")
 
 
-@contextlib.contextmanager
-def _local_stack() -> Iterator[Config]:
-    """The running local stack, or a temporary one for the benchmark's duration."""
-    from peftray import stack
-
-    tmp = None
-    if not stack.status().running:
-        tmp = tempfile.mkdtemp(prefix="peftray-bench-registry-")
-        stack.up(stack.Options(state_dir=Path(tmp), ray_num_cpus=2), progress=print)
-    try:
-        cfg = load_config(tmp)
-        cfg.apply_env()
-        yield cfg
-    finally:
-        if tmp:
-            stack.down(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftray bench registry", description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=10.0, help="adapter size (default 10 MB)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench-results/registry.json")
     args = parser.parse_args(argv)
-    with _local_stack() as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-registry-") as tmp:
+    with local_stack("peftray-bench-registry-") as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-registry-") as tmp:
         result = run(cfg, Path(tmp), args.size_mb, args.repeats)
     _print(result)
     out = Path(args.out)

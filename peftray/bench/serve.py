@@ -3,9 +3,13 @@
 Per model (the tiny Llama and a hidden-512 Llama config), in-process, greedy, same workload:
 - mixed: 32 concurrent requests spread over 16 LoRA adapters, tokens/s ÷ the same 32 on ONE adapter (goal >= 0.8);
 - the mixed workload ÷ HF PEFT in one process, `set_adapter` + `generate` per request (goal >= 5);
-- adapter latency: a request whose adapter is not loaded yet (cold: read from disk into a slot) vs loaded (warm).
-Writes bench-results/serve.json and prints a table. The Serve HTTP overhead is measured by the Serve tests'
-deployment, not here (this benchmark needs no cluster).
+- adapter latency in-process: a request whose adapter is not loaded yet (cold: read from disk into a slot) vs
+  loaded (warm).
+Through Ray Serve on the local stack (the running one, or a temporary one; `--no-http` skips this part), tiny model:
+- cold from S3: the first request for a registered adapter (MLflow lookup, verified S3 fetch into an empty cache,
+  slot load, generation) vs warm (the same request again), p50/p99 over HTTP;
+- Serve's HTTP overhead: a warm request through the OpenAI route ÷ the same generation called in-process.
+Writes bench-results/serve.json and prints a table.
 """
 
 from __future__ import annotations
@@ -132,6 +136,78 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
             **lat}
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def bench_http(base_dir: Path, root: Path, args) -> dict:
+    """Cold (from S3) / warm request latency through Serve, and Serve's overhead over the in-process engine."""
+    import dataclasses
+    import uuid
+
+    import httpx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftray.bench.common import local_stack
+    from peftray.registry import register_adapter
+    from peftray.serve import ServeConfig, deploy, down
+    from peftray.serve.engine import GenerationEngine, SamplingParams
+
+    prompt, max_tokens, reps = "the quick brown fox jumps over the lazy dog", 8, args.latency_reps
+    folders = _adapters(base_dir, root / "http", reps)
+    tag = uuid.uuid4().hex[:6]
+    with local_stack("peftray-bench-serve-", ray_num_cpus=4) as cfg:
+        # an empty adapter cache for the replica: every first request really reads from S3
+        cfg = dataclasses.replace(cfg, cache_dir=root / "serve-cache")
+        names = [f"bench{tag}-{i}" for i in range(reps)]
+        for f, n in zip(folders, names):
+            register_adapter(f, n, base_model=str(base_dir), config=cfg)
+        spec = ServeConfig(name=f"bench{tag}", base_model=str(base_dir), max_adapters_per_replica=reps + 1,
+                           num_cpus=0, torch_threads=args.threads, api_key=f"bench-key-{tag}")
+        dep = deploy(spec, cfg, wait_s=300)
+        try:
+            with httpx.Client(base_url=dep.url, headers={"Authorization": f"Bearer {dep.api_key}"},
+                              timeout=120) as http:
+                def ask(model: str) -> tuple[float, int]:
+                    t0 = time.perf_counter()
+                    r = http.post("/v1/completions", json={"model": model, "prompt": prompt,
+                                                           "max_tokens": max_tokens, "temperature": 0})
+                    r.raise_for_status()
+                    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+                ask(f"{names[0]}/1")  # the replica's first request (torch warm-up) is not a cold-adapter sample
+                cold, warm = [], []
+                for n in names[1:]:
+                    cold.append(ask(f"{n}/1")[0])
+                    warm.append(ask(f"{n}/1")[0])
+                served = [ask(f"{names[0]}/1") for _ in range(reps * 2)]
+        finally:
+            down(spec.name, cfg)
+    # the same generation in this process: same base, same adapter, same prompt, same tokens
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, max_batch_size=8,
+                              max_queue=8, max_adapters=2)
+    try:
+        slot = engine.slots.acquire("a0", folders[0])
+        ids, params = tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)
+        engine.generate(ids, params, slot)
+        local = []
+        for _ in range(reps * 2):
+            t0 = time.perf_counter()
+            ev = engine.generate(ids, params, slot)
+            local.append(time.perf_counter() - t0)
+    finally:
+        engine.close()
+    if ev.completion_tokens != served[0][1]:
+        print(f"note: in-process generated {ev.completion_tokens} tokens, Serve {served[0][1]}")
+    served_t = [t for t, _ in served]
+    return {"http_cold_s3_p50_ms": _pct(cold, 0.5), "http_cold_s3_p99_ms": _pct(cold, 0.99),
+            "http_warm_p50_ms": _pct(warm, 0.5), "http_warm_p99_ms": _pct(warm, 0.99),
+            "serve_http_p50_ms": _pct(served_t, 0.5), "in_process_p50_ms": _pct(local, 0.5),
+            "serve_http_over_in_process": _pct(served_t, 0.5) / _pct(local, 0.5), "tokens": ev.completion_tokens}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peftray bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=32)
@@ -139,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--latency-reps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny model only")
+    p.add_argument("--no-http", action="store_true", help="skip the part through Ray Serve on the local stack")
     p.add_argument("--out", default="bench-results/serve.json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU, same for engine and baseline (1 avoids OpenMP spin contention on "
@@ -149,15 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="peftray-bench-serve-") as tmp:
         root = Path(tmp)
-        rows = [bench_model(name, d, root, args) for name, d in _models(root, args.quick).items()]
+        models = _models(root, args.quick)
+        rows = [bench_model(name, d, root, args) for name, d in models.items()]
+        http = None if args.no_http else bench_http(models["tiny"], root, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": rows,
+    out.write_text(json.dumps({"config": vars(args), "results": rows, "http_tiny": http,
                                "goals": {"mixed_over_single": 0.8, "mixed_over_hf_peft": 5.0}}, indent=2))
     from peftray.tables import table
 
     keys = ["mixed_tok_s", "single_adapter_tok_s", "hf_peft_set_adapter_tok_s", "mixed_over_single",
             "mixed_over_hf_peft", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms"]
     print(table(["metric", *[r["model"] for r in rows]], [[k, *[f"{r[k]:.2f}" for r in rows]] for k in keys]))
+    if http:
+        print("\nthrough Ray Serve (tiny model, OpenAI route, 8 tokens):")
+        print(table(["metric", "value"], [[k, f"{v:.2f}"] for k, v in http.items()]))
     print(f"goals: mixed/single >= 0.8, mixed/HF PEFT >= 5; JSON in {out}")
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from peftray.cli.table import table
+from peftray.tables import table
 from peftray.config import load_config
 
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from peftray.cli.table import table
+from peftray.tables import table
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"  # the repository's example specs and data
 
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--out", default="bench-results/train.json")
     args = parser.parse_args(argv)
-    from peftray.bench.registry import _local_stack
+    from peftray.bench.common import local_stack
 
-    with _local_stack() as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-train-") as tmp:
+    with local_stack("peftray-bench-train-") as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-train-") as tmp:
         result = run(cfg, args.steps, args.batch_size, args.max_seq_len, Path(tmp))
     _print(result)
     out = Path(args.out)

@@ -46,6 +46,7 @@ class DemoResult:
     refused: str | None = None
     answers: dict[str, list[str]] = field(default_factory=dict)  # model -> answers to steps.QUESTIONS
     plot: Path | None = None
+    serve_url: str | None = None  # the demo app's route on the Serve proxy
     urls: dict[str, str] = field(default_factory=dict)
 
 
@@ -79,7 +80,7 @@ def run(opts: DemoOptions) -> DemoResult:
         res.promoted, res.refused = steps.promote(opts, cfg, model_dir, res.jobs["demo-polite"])
     if opts.serve:
         with _step(5, "Serve both adapters and the base model from one deployment; ask them the same questions", out):
-            res.answers = steps.serve_and_ask(opts, cfg, model_dir)
+            res.answers, res.serve_url = steps.serve_and_ask(opts, cfg, model_dir)
     with _step(6, "Where to look next", out):
-        res.urls = steps.where_next(opts, cfg)
+        res.urls = steps.where_next(opts, cfg, res.serve_url)
     return res

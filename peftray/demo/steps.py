@@ -145,7 +145,7 @@ def promote(opts, cfg: Config, model_dir: Path, good: dict[str, Any]) -> tuple[d
 ASKED = ("tiny-llama", "demo-polite@production", "demo-counting@latest")
 
 
-def serve_and_ask(opts, cfg: Config, model_dir: Path) -> dict[str, list[str]]:
+def serve_and_ask(opts, cfg: Config, model_dir: Path) -> tuple[dict[str, list[str]], str]:
     """Deploy jobs/serve-demo.yaml, then ask every model every question at once (they share forward passes)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -160,7 +160,7 @@ def serve_and_ask(opts, cfg: Config, model_dir: Path) -> dict[str, list[str]]:
 
     def ask(pair: tuple[str, str]) -> str:
         model, question = pair
-        done = client.completions.create(model=model, prompt=question, max_tokens=12, temperature=0)
+        done = client.completions.create(model=model, prompt=question, max_tokens=24, temperature=0)
         return done.choices[0].text.strip()
 
     pairs = [(m, q) for m in ASKED for q in QUESTIONS]
@@ -168,7 +168,7 @@ def serve_and_ask(opts, cfg: Config, model_dir: Path) -> dict[str, list[str]]:
         texts = list(pool.map(ask, pairs))
     answers = {m: texts[i * len(QUESTIONS):(i + 1) * len(QUESTIONS)] for i, m in enumerate(ASKED)}
     _print_side_by_side(opts, answers)
-    return answers
+    return answers, dep.url
 
 
 def _print_side_by_side(opts, answers: dict[str, list[str]]) -> None:
@@ -179,11 +179,11 @@ def _print_side_by_side(opts, answers: dict[str, list[str]]) -> None:
         opts.out(f"      {line}")
 
 
-def where_next(opts, cfg: Config) -> dict[str, str]:
+def where_next(opts, cfg: Config, serve_url: str | None = None) -> dict[str, str]:
     urls = {"MLflow UI (runs, registered models)": cfg.mlflow_tracking_uri or "",
             "Ray dashboard": cfg.ray_dashboard_url or "",
             "control plane API": f"{cfg.service_url}/docs" if cfg.service_url else "",
-            "serving (OpenAI API)": f"{cfg.serve_url}/v1" if cfg.serve_url else ""}
+            "serving (OpenAI API)": f"{serve_url}/v1" if serve_url else ""}
     for label, url in urls.items():
         if url:
             opts.out(f"      {label:<38} {url}")
