@@ -114,3 +114,10 @@ def pg_url() -> str:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         admin.dispose()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the session stack carries the `stack` marker, so `-m 'not stack'` runs without servers."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("stack"):
+            item.add_marker(pytest.mark.stack)

@@ -20,7 +20,7 @@ from peftray import stack as local_stack
 from peftray.errors import StackError
 from peftray.stack import procs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 
 def _tree_pids(st: local_stack.StackStatus) -> set[int]:
