@@ -57,7 +57,12 @@ def register(p: argparse.ArgumentParser) -> None:
     fe = sub.add_parser("fetch", help="download (or find in the cache) a version; prints its local folder")
     fe.add_argument("ref", metavar="REF")
     fe.set_defaults(func=_fetch)
-    for sp in (ls, show, imp, pro, rb, diff, fe):
+    pr = sub.add_parser("prune-cache", help="shrink the local adapter cache (least recently used first)")
+    pr.add_argument("--max-gb", type=float, required=True, help="size to shrink the cache to, in GB")
+    pr.add_argument("--grace-s", type=float, default=600.0,
+                    help="keep adapters used this recently even over the limit (default 600 s)")
+    pr.set_defaults(func=_prune)
+    for sp in (ls, show, imp, pro, rb, diff, fe, pr):
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -180,6 +185,20 @@ def _diff(args) -> int:
 
 def _num(x) -> str:
     return "" if x is None else f"{x:.6g}"
+
+
+def _prune(args) -> int:
+    from peftray.errors import ConfigError
+    from peftray.registry.cache import AdapterCache
+
+    if args.max_gb < 0:
+        raise ConfigError(f"--max-gb must be >= 0, got {args.max_gb}")
+    cfg = _cfg(args)
+    res = AdapterCache(cfg.cache_dir).prune(int(args.max_gb * 1e9), grace_s=args.grace_s)
+    text = (f"cache {cfg.cache_dir}: {res.bytes_before / 1e6:.1f} MB -> {res.bytes_after / 1e6:.1f} MB, "
+            f"removed {len(res.removed)} adapter folder(s)"
+            + (f", kept {res.kept_recent} used in the last {args.grace_s:g} s" if res.kept_recent else ""))
+    return _out(args, {"cache_dir": str(cfg.cache_dir), **vars(res)}, text)
 
 
 def _fetch(args) -> int:

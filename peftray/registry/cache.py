@@ -5,6 +5,8 @@ Layout under `<cache_dir>/registry/`:
     adapters/<content sha256>/    an adapter folder of hard links to blobs (what fetch returns)
     refs/<name>/<version>.json    the AdapterVersion of an immutable `name/version`, so it resolves offline
 Writers build in `tmp/` and rename into place, so readers never see half a file or half a folder.
+An adapter folder's mtime is its last use (fetch touches it); `prune` drops the least recently used folders,
+then the blobs no folder links to any more, until the cache fits a size.
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import fields
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from peftray.registry.types import AdapterVersion
 from peftray.registry.validate import content_digest, sha256_file
+
+
+@dataclass
+class PruneResult:
+    removed: list[str]  # content digests of the adapter folders removed
+    bytes_before: int
+    bytes_after: int
+    kept_recent: int  # folders over the limit but used within the grace period, kept
 
 
 class AdapterCache:
@@ -83,6 +94,60 @@ class AdapterCache:
         if present != set(files):
             return False
         return all(os.path.samefile(folder / rel, self.blob(sha)) for rel, sha in files.items())
+
+    def touch(self, folder: Path) -> None:
+        """Mark an adapter folder as used now (pruning removes the least recently used first)."""
+        try:
+            os.utime(folder, None)
+        except OSError:
+            pass
+
+    def size_bytes(self) -> int:
+        """Bytes held: every blob once (the folders are hard links to them)."""
+        blobs = self.root / "blobs"
+        return sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.is_dir() else 0
+
+    def prune(self, max_bytes: int, grace_s: float = 600.0) -> PruneResult:
+        """Shrink the cache to `max_bytes`: least recently used adapter folders first, then orphaned blobs.
+
+        Folders used within `grace_s` are kept even over the limit (a replica may be about to load one), and
+        leftover download folders older than a day are removed. Immutable refs (small JSON) are kept.
+        """
+        before = self.size_bytes()
+        now = time.time()
+        for tmp in (self.root / "tmp").glob("dl-*") if (self.root / "tmp").is_dir() else ():
+            if now - tmp.stat().st_mtime > 86400:
+                shutil.rmtree(tmp, ignore_errors=True)
+        adapters = self.root / "adapters"
+        folders = sorted((p for p in adapters.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) \
+            if adapters.is_dir() else []
+        removed, size, kept = [], before, 0
+        for folder in folders:
+            if size <= max_bytes:
+                break
+            if now - folder.stat().st_mtime < grace_s:
+                kept = len(folders) - len(removed)
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+            size = self._drop_orphan_blobs()
+        if size > max_bytes and not removed and not kept:
+            size = self._drop_orphan_blobs()
+        return PruneResult(removed=removed, bytes_before=before, bytes_after=size, kept_recent=kept)
+
+    def _drop_orphan_blobs(self) -> int:
+        """Delete blobs that no adapter folder links to; returns the bytes left."""
+        left = 0
+        blobs = self.root / "blobs"
+        for blob in blobs.rglob("*") if blobs.is_dir() else ():
+            if not blob.is_file():
+                continue
+            st = blob.stat()
+            if st.st_nlink <= 1:
+                blob.unlink(missing_ok=True)
+            else:
+                left += st.st_size
+        return left
 
     def evict_folder(self, files: dict[str, str]) -> None:
         shutil.rmtree(self.folder(files), ignore_errors=True)

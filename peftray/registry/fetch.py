@@ -54,6 +54,7 @@ def fetch(ref_or_version: str | AdapterVersion, config: Config | None = None) ->
     if missing:
         _download(av, missing, cfg, cache)
     folder = cache.assemble(av.files)
+    cache.touch(folder)
     cache.save_ref(av)
     return folder
 
