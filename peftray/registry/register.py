@@ -184,6 +184,12 @@ def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_
             client.set_terminated(made["run"])
         made["model"] = _ensure_model(client, name)
         mv = client.create_model_version(name, source, run_id=made["run_id"], tags=vtags, description=description)
+        first = find_existing(client, name, info.content_sha256, vtags.get(t.TAG_JOB))
+        if first is not None and first.version < int(mv.version):
+            # A concurrent registration of the same bytes for the same job got in first: the lowest version
+            # wins in every racer, so ours (version, artifacts, run) goes and exactly one version remains.
+            _undo(client, cfg, name, {**made, "model": False})
+            return first
         return AdapterVersion.from_model_version(mv, aliases=[])
     except BaseException as exc:
         _undo(client, cfg, name, made)

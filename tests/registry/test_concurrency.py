@@ -53,3 +53,34 @@ def test_concurrent_promotions_end_on_one_version_with_both_audited(cfg, lora_di
     assert R.resolve(f"{unique_name}@production", cfg).version == final
     assert R.alias_state(unique_name, "production", cfg) == (final, f"{final}:{2 * ROUNDS}")
     assert [v.version for v in R.list_versions(unique_name, cfg) if "production" in v.aliases] == [final]
+
+
+REGISTER_WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from peftray.config import load_config
+    from peftray.registry import register_adapter
+    folder, name, barrier, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    cfg = load_config()
+    import mlflow, boto3  # noqa: F401 - imported before the barrier so both start registering together
+    (barrier / me).touch()
+    while len(list(barrier.iterdir())) < 2:
+        time.sleep(0.005)
+    print("VERSION", register_adapter(folder, name, job_name="job-1", config=cfg).version)
+""")
+
+
+def test_concurrent_registrations_of_the_same_bytes_make_one_version(cfg, lora_dir, unique_name, tmp_path):
+    folder = lora_dir("same", seed=3)
+    barrier = tmp_path / "barrier-reg"
+    barrier.mkdir()
+    env = {**os.environ, **cfg.env()}
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_WORKER, str(folder), unique_name, str(barrier), who],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for who in ("proc-a", "proc-b")]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("VERSION")]
+    versions = R.list_versions(unique_name, config=cfg)
+    assert len(versions) == 1 and got == [versions[0].version] * 2, (got, versions)
+    assert R.fetch(f"{unique_name}/{versions[0].version}", config=cfg).is_dir()  # its bytes are all there
