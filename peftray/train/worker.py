@@ -33,11 +33,17 @@ def worker_device(spec: JobSpec) -> torch.device:
 
 
 class MlflowLogger:
-    """Logs a metrics dict to one MLflow run, batched into one request per call."""
+    """Logs metrics dicts to one MLflow run, buffered: one request every `flush_s` seconds, and at once for
+    evaluation metrics and at `flush()` (the end of training), so a fast step loop never waits on the server."""
 
-    def __init__(self, run_id: str | None, config=None) -> None:
+    MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
+
+    def __init__(self, run_id: str | None, config=None, flush_s: float = 2.0) -> None:
         self.run_id = run_id
         self.client = None
+        self.flush_s = flush_s
+        self._buffer: list = []
+        self._last = time.monotonic()
         if run_id:
             from peftray.registry.client import mlflow_client
 
@@ -49,8 +55,17 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if (time.monotonic() - self._last >= self.flush_s or len(self._buffer) >= self.MAX_BATCH
+                or any(k.startswith("eval_") for k in metrics)):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self._buffer:
+            batch, self._buffer = self._buffer, []
+            for i in range(0, len(batch), self.MAX_BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[i:i + self.MAX_BATCH], synchronous=True)
+        self._last = time.monotonic()
 
 
 def _report(metrics: dict[str, Any], folder: Path | None) -> None:
@@ -92,4 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log=MlflowLogger(loop_config.get("run_id") if rank == 0 else None, cfg), config=cfg,
         workdir=Path(tempfile.gettempdir()),
     )
-    train(spec, ctx)
+    try:
+        train(spec, ctx)
+    finally:
+        ctx.log.flush()  # the last steps' metrics, also when training fails part-way
