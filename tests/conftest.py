@@ -116,6 +116,17 @@ def pg_url() -> str:
         admin.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _no_env_leaks():
+    """A test that exports endpoints (another cluster's Ray address, say) must not redirect the tests after it:
+    the environment is put back as it was before the test (after the wider-scoped fixtures set it up)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the session stack carries the `stack` marker, so `-m 'not stack'` runs without servers."""
     for item in items:

@@ -77,8 +77,7 @@ def test_training_spans_two_nodes_and_survives_losing_one(ft_cluster, tiny_model
 def _check_resumed_and_registered(cfg, result: dict) -> None:
     from mlflow import MlflowClient, artifacts
 
-    cfg.apply_env()
-    client = MlflowClient(cfg.mlflow_tracking_uri)
+    client = MlflowClient(cfg.mlflow_tracking_uri)  # the session stack's MLflow (credentials already exported)
     resumed = [int(m.value) for m in client.get_metric_history(result["run_id"], "resumed_from_step")]
     assert resumed and all(s > 0 and s % CHECKPOINT_EVERY == 0 for s in resumed), resumed
     version = client.get_model_version(result["model_name"], str(result["version"]))
