@@ -52,6 +52,12 @@ def stack(tmp_path_factory):
     finally:
         _shutdown_ray_client()
         local_stack.down(state_dir)
+        # Ray's sockets and logs live in /tmp (short paths); the session's state folder goes, so they go too.
+        import shutil
+
+        from peftray.stack.servers import ray_temp_dir
+
+        shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
 

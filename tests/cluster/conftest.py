@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def ft_cluster(stack, tmp_path_factory):
     finally:
         if cluster:
             procs.stop(cluster.head)
+        shutil.rmtree(servers.ray_temp_dir(state), ignore_errors=True)
         client = redis.Redis.from_url(f"redis://{REDIS_ADDRESS}/0")
         keys = list(client.scan_iter(match=f"*{namespace}*"))
         if keys:
