@@ -4,6 +4,7 @@ control plane, registered, one promoted through a gate and a worse one refused, 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def demo(stack, tiny_model):
     lines: list[str] = []
     opts = DemoOptions(state_dir=stack.state_dir, repo_dir=ROOT, model_dir=tiny_model,
                        out=lambda m: (lines.append(m), print(m)))
+    saved = dict(os.environ)  # the demo exports its control plane's URL and token, as the CLI would
     try:
         yield run(opts), lines
     finally:
@@ -33,6 +35,8 @@ def demo(stack, tiny_model):
         except Exception:  # noqa: BLE001 - the app is absent when the demo failed before serving
             pass
         process.down(stack.state_dir)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_both_jobs_train_and_register(demo, stack):

@@ -25,17 +25,16 @@ def test_lr_schedule_against_closed_form():
     assert lr_factor(9, 10, 0, "constant") == 1.0
 
 
-def test_scaling_config_cpu_gpu_tpu(stack):
-    # `stack` only for its environment: Ray reads its auth mode when first imported, and this imports Ray,
-    # so the session's token settings must be exported before (else the later Ray tests cannot connect).
+def test_scaling_config_cpu_gpu_tpu():
     cpu = scaling_config(ResourcesSpec(num_workers=2, cpus_per_worker=2, placement_strategy="SPREAD"))
     assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 2}
     assert cpu.placement_strategy == "SPREAD"
     gpu = scaling_config(ResourcesSpec(num_workers=4, use_gpu=True, gpus_per_worker=0.5, accelerator_type="A100"))
     assert gpu.use_gpu and gpu.resources_per_worker["GPU"] == 0.5 and gpu.accelerator_type == "A100"
-    tpu = scaling_config(ResourcesSpec(num_workers=4, use_tpu=True, topology="2x2x1", accelerator_type="TPU-V6E"))
-    assert tpu.use_tpu and tpu.topology == "2x2x1" and tpu.resources_per_worker.get("TPU", 0) >= 1
-    with pytest.raises(ConfigError, match="multiple of 4"):
+    # one worker per TPU host, holding all its chips: a v6e 2x2x1 slice is 1 host x 4 chips
+    tpu = scaling_config(ResourcesSpec(num_workers=1, use_tpu=True, topology="2x2x1", accelerator_type="TPU-V6E"))
+    assert tpu.use_tpu and tpu.topology == "2x2x1" and tpu.resources_per_worker["TPU"] == 4
+    with pytest.raises(ConfigError, match=r"slice has 1 host\(s\) of 4 chips.*num_workers=1"):
         scaling_config(ResourcesSpec(num_workers=3, use_tpu=True, topology="2x2x1", accelerator_type="TPU-V6E"))
 
 
