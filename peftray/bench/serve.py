@@ -86,6 +86,11 @@ def _hf_peft(base_dir: Path, folders: list[Path], jobs_idx, prompts, max_new: in
     return time.perf_counter() - start, tokens
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
 def _latency(engine, folders: list[Path], ids, params, reps: int) -> dict[str, float]:
     cold, warm = [], []
     for r in range(reps):
@@ -98,12 +103,8 @@ def _latency(engine, folders: list[Path], ids, params, reps: int) -> dict[str, f
         engine.generate(ids, params, engine.slots.acquire(key, folders[r % len(folders)]))
         warm.append(time.perf_counter() - start)
 
-    def pct(xs, q):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
-
-    return {"cold_p50_ms": pct(cold, 0.5), "cold_p99_ms": pct(cold, 0.99), "warm_p50_ms": pct(warm, 0.5),
-            "warm_p99_ms": pct(warm, 0.99)}
+    return {"cold_p50_ms": _pct(cold, 0.5), "cold_p99_ms": _pct(cold, 0.99), "warm_p50_ms": _pct(warm, 0.5),
+            "warm_p99_ms": _pct(warm, 0.99)}
 
 
 def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
@@ -134,11 +135,6 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
     return {"model": name, "device": device, "mixed_tok_s": mixed, "single_adapter_tok_s": single,
             "hf_peft_set_adapter_tok_s": hf, "mixed_over_single": mixed / single, "mixed_over_hf_peft": mixed / hf,
             **lat}
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
 
 
 def bench_http(base_dir: Path, root: Path, args) -> dict:
