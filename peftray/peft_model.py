@@ -18,6 +18,7 @@ from torch import nn
 
 from peftray.adapters import io as adapter_io
 from peftray.errors import AdapterFormatError, ConfigError
+from peftray.ops.loss import causal_lm_loss
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
 from peftray.tuners.lora.mixed import build_mixed_batch, mixed_batch
@@ -29,6 +30,10 @@ CLASSIFIER_NAMES = ["classifier", "score"]
 
 class PeftModel(nn.Module):
     """A base model with adapters. Build it with `get_peft_model` or `PeftModel.from_pretrained`."""
+
+    #: Causal LMs given `labels` compute their loss with peftray's fused cross-entropy (`peftray.ops.loss`):
+    #: the same value and gradient as transformers', faster. Set False to use the model's own loss function.
+    use_fused_loss: bool = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  init_weights: bool = True) -> None:
@@ -296,11 +301,29 @@ class PeftModel(nn.Module):
         with mixed_batch(build_mixed_batch(list(adapter_names), order, device)):
             yield
 
+    @contextlib.contextmanager
+    def _fused_loss(self, labels: Any) -> Iterator[None]:
+        """While a causal LM computes its loss, use `peftray.ops.loss.causal_lm_loss` (same value and gradient
+        as transformers' `ForCausalLMLoss`, without its three [tokens, vocab] temporaries). Left alone: no
+        labels, a loss function the user set, a model with another loss, `use_fused_loss = False`."""
+        model = self.get_base_model()
+        if (labels is None or not self.use_fused_loss or "_loss_function" in vars(model)
+                or getattr(model, "loss_type", None) != "ForCausalLM"):
+            yield
+            return
+        model._loss_function = causal_lm_loss
+        try:
+            yield
+        finally:
+            if vars(model).get("_loss_function") is causal_lm_loss:
+                del model._loss_function
+
     def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        if self._is_prompt and not self._prompt_disabled:
-            return self._prompt_forward(*args, **kwargs)
-        with self._mixed(adapter_names):
-            return self.base_model(*args, **kwargs)
+        with self._fused_loss(kwargs.get("labels")):
+            if self._is_prompt and not self._prompt_disabled:
+                return self._prompt_forward(*args, **kwargs)
+            with self._mixed(adapter_names):
+                return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         """`transformers` generate on the adapted model; `adapter_names` picks a LoRA adapter per row."""

