@@ -68,7 +68,6 @@ def test_mixed_adapter_batch_matches_single_adapters_and_peft(llama, tmp_path):
     names = ["a", "__base__", "b", "a"]
     paths = {}
     for seed, name in ((1, "a"), (2, "b")):
-        _lora(llama, seed=seed, r_pattern=None) if False else None
         torch.manual_seed(seed)
         cfg = peftray.LoraConfig(task_type="CAUSAL_LM", r=4 * seed, target_modules=TARGETS, init_lora_weights=False)
         peftray.get_peft_model(llama(), cfg).save_pretrained(tmp_path / name)
@@ -95,6 +94,37 @@ def test_mixed_adapter_batch_matches_single_adapters_and_peft(llama, tmp_path):
     ours.train()
     with pytest.raises(ValueError, match="training mode"):
         ours(input_ids=ids, adapter_names=names)
+
+
+def test_mixed_batch_follows_weight_changes(llama):
+    """The stacked A/B weights of mixed batches are cached; an in-place update (an optimizer step) and a replaced
+    tensor must both show in the next mixed forward."""
+    model = _lora(llama, name="a")
+    torch.manual_seed(5)
+    model.add_adapter("b", peftray.LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=TARGETS,
+                                              init_lora_weights=False))
+    model.eval()
+    ids = torch.cat([llama_inputs()["input_ids"]] * 2)[:2]
+    names = ["a", "b"]
+
+    def check_rows_equal_single():
+        with torch.no_grad():
+            mixed = model(input_ids=ids, adapter_names=names).logits
+            for row, name in enumerate(names):
+                model.set_adapter(name)
+                torch.testing.assert_close(mixed[row:row + 1], model(input_ids=ids[row:row + 1]).logits,
+                                           rtol=1e-4, atol=1e-4)
+        return mixed
+
+    first = check_rows_equal_single()
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.lora_B["a"].weight.mul_(3.0)
+    second = check_rows_equal_single()
+    assert (second[0] - first[0]).abs().max() > 1e-3 and torch.equal(second[1], first[1])
+    q_proj.lora_A["b"].weight = torch.nn.Parameter(torch.randn_like(q_proj.lora_A["b"].weight))
+    third = check_rows_equal_single()
+    assert (third[1] - second[1]).abs().max() > 1e-3
 
 
 def test_training_steps_equal_peft(llama):
