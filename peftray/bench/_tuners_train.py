@@ -24,6 +24,9 @@ VARIANTS = ("full", "hf_peft", "peftray")
 # The LoRA arithmetic floor: the frozen model's forward and input-gradient backward, no adapter, no weight
 # gradient, no optimizer. Timed (not a goal) so that a ratio to HF PEFT can be judged against what is possible.
 FLOOR = "floor_frozen"
+# peftray with the model's own (transformers') loss instead of its fused one: separates what the LoRA layers
+# gain from what the loss gains. Timed only (same init as "peftray", so its loss curve must match too).
+UNFUSED = "peftray_model_loss"
 
 
 def lora_kwargs() -> dict:
@@ -45,6 +48,9 @@ def make_variants(seed: int, which=VARIANTS) -> dict[str, tuple[torch.nn.Module,
             models["hf_peft"] = hf
         if "peftray" in which:
             models["peftray"] = ours
+        if UNFUSED in which:
+            models[UNFUSED] = copy.deepcopy(ours)
+            models[UNFUSED].use_fused_loss = False
     out = {}
     for name, model in models.items():
         model.train()
@@ -69,7 +75,7 @@ def train_step(model, opt, ids: torch.Tensor) -> float:
 
 def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
     """Times `steps` steps per variant after `warmup`, records every loss, optionally measures memory."""
-    variants = make_variants(seed, which=(*VARIANTS, FLOOR))
+    variants = make_variants(seed, which=(*VARIANTS, UNFUSED, FLOOR))
     batches = make_batches(seed, warmup + steps)
     losses: dict[str, list[float]] = {name: [] for name in variants}
     counter = {name: 0 for name in variants}
@@ -86,6 +92,7 @@ def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
                      "losses": losses[name]} for name in variants}
     hf_l, our_l = losses["hf_peft"], losses["peftray"]
     result["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(hf_l, our_l))
+    result["unfused_loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(losses[UNFUSED], our_l))
     if memory:
         for name in VARIANTS:
             result[name]["memory"] = measure_memory(name, seed, threads)

@@ -4,10 +4,14 @@ Same Llama-architecture model (hidden 512, 4 layers, vocab 4096, 8 heads / 4 kv 
 random init from a seed), same data, fp32, the same `torch.set_num_threads` for every variant:
 
 1. training step (4 x 256 tokens, LoRA r=16 on all linear layers, AdamW): full fine-tuning vs HF PEFT vs
-   peftray; tokens/s, loss curves (identical init), peak RSS per variant in a fresh subprocess;
+   peftray (as users get it: LoRA layers and the fused causal-LM loss), plus peftray with transformers' own
+   loss and the frozen-model floor, timed only; tokens/s, loss curves (identical init), peak RSS per variant
+   in a fresh subprocess;
 2. mixed-adapter decode-like step (32 rows x 1 token, 16 adapters): base alone vs HF PEFT vs peftray;
 3. mixed prefill (16 rows x 128 tokens, 16 adapters) and each side with one adapter;
 4. the mixed batch's logits, HF PEFT vs peftray;
+5. the causal-LM loss (lm_head + loss, forward and backward) at vocabularies 4096, 32000 and 128256:
+   transformers' ForCausalLMLoss vs peftray's fused one (time and peak RSS);
 plus the bare kernel on one gate_proj-sized layer. Prints a table and writes bench-results/tuners.json.
 """
 
@@ -37,22 +41,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time (default), or process CPU time: steadier on a loaded machine, use with --threads 1")
-    p.add_argument("--sections", default="train,decode,prefill,logits,kernel",
-                   help="comma-separated subset of: train,decode,prefill,logits,kernel")
+    p.add_argument("--sections", default="train,decode,prefill,logits,loss,kernel",
+                   help="comma-separated subset of: train,decode,prefill,logits,loss,kernel")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     p.add_argument("--out", default="bench-results/tuners.json", help="where to write the JSON results")
     args = p.parse_args(argv)
-    unknown = set(args.sections.split(",")) - {"train", "decode", "prefill", "logits", "kernel"}
+    unknown = set(args.sections.split(",")) - {"train", "decode", "prefill", "logits", "loss", "kernel"}
     if unknown:
-        p.error(f"--sections: unknown {sorted(unknown)}; choose from train,decode,prefill,logits,kernel")
+        p.error(f"--sections: unknown {sorted(unknown)}; choose from train,decode,prefill,logits,loss,kernel")
     return args
 
 
 def repeats(args) -> dict[str, tuple[int, int]]:
     """(repeats, warmup) per section; training keeps 10 timed steps (the loss curve) unless --quick."""
     if args.quick:
-        return {"train": (3, 1), "decode": (5, 2), "prefill": (2, 1), "kernel": (10, 3)}
-    return {"train": (10, 2), "decode": (30, 5), "prefill": (5, 1), "kernel": (50, 10)}
+        return {"train": (3, 1), "decode": (5, 2), "prefill": (2, 1), "loss": (3, 1), "kernel": (10, 3)}
+    return {"train": (10, 2), "decode": (30, 5), "prefill": (5, 1), "loss": (7, 2), "kernel": (50, 10)}
 
 
 def run(args) -> dict:
@@ -78,6 +82,10 @@ def run(args) -> dict:
         if "logits" in sections:
             results["logits"] = mixed.logits_diff(models, args.seed, 16, 128)
         del models
+    if "loss" in sections:
+        from peftray.bench import _tuners_loss as loss
+
+        results["loss"] = loss.run(args.seed, *reps["loss"], args.threads, memory=not (args.quick or args.no_memory))
     if "kernel" in sections:
         results["kernel"] = mixed.run_kernel(args.seed, *reps["kernel"])
     results["goals"] = check_goals(results)
@@ -125,6 +133,13 @@ def render(r: dict) -> str:
     for label, times in r.get("kernel", {}).items():
         out.append(f"\nkernel, one 512->1376 layer, 16 adapters r=16, {label}:")
         out.append(table(["variant", "median ms"], [[k, f"{v:.3f}"] for k, v in times.items()]))
+    if "loss" in r:
+        out.append("\ncausal-LM loss, lm_head + loss forward and backward, 2x512 tokens:")
+        rows = [[v, f"{x['transformers']['ms']:.1f}", f"{x['peftray']['ms']:.1f}", f"{x['speedup']:.2f}x",
+                 x["transformers"].get("peak_rss_mib", ""), x["peftray"].get("peak_rss_mib", ""),
+                 f"{x['loss_abs_diff']:.1e}"] for v, x in r["loss"].items()]
+        out.append(table(["vocab", "transformers ms", "peftray ms", "speed-up", "transformers peak MiB",
+                          "peftray peak MiB", "|loss diff|"], rows))
     if "logits" in r:
         out.append(f"\nlogits (16x128 mixed): max |HF PEFT - peftray| = {r['logits']['max_abs_diff']:.2e} "
                    f"(adapters move logits by up to {r['logits']['adapters_vs_base_max_abs']:.2f} vs base)")
@@ -135,6 +150,11 @@ def render(r: dict) -> str:
             out.append(f"train floor (frozen model, input-grad backward only): {t['floor_frozen']['ms']:.0f} ms = "
                        f"{t['floor_frozen']['ms'] / t['full']['ms']:.2f} of full; the 1.15x goal needs peftray <= "
                        f"{t['hf_peft']['ms'] / 1.15:.0f} ms")
+        if "peftray_model_loss" in t:
+            out.append(f"peftray with transformers' own loss (use_fused_loss=False): "
+                       f"{t['hf_peft']['ms'] / t['peftray_model_loss']['ms']:.3f}x HF PEFT (the LoRA layers alone); "
+                       f"with its fused loss {t['hf_peft']['ms'] / t['peftray']['ms']:.3f}x; same loss curve to "
+                       f"{t['unfused_loss_max_abs_diff']:.1e}")
     out.append("\n" + table(["goal", "value", "target", "met"],
                             [[g["goal"], f"{g['value']:.4g}", g["target"], "yes" if g["met"] else "NO"]
                              for g in r["goals"]]))
