@@ -64,6 +64,11 @@ def _storage_uses(t: torch.Tensor) -> int:
 _POOL = _BufferPool()
 
 
+def release_loss_buffer() -> None:
+    """Free the [tokens, vocab] buffer the CPU loss keeps between steps (e.g. after training, in a notebook)."""
+    _POOL.release()
+
+
 class SoftmaxCrossEntropy(torch.autograd.Function):
     """sum over valid rows of -log softmax(x)[target] * scale, and its gradient, from one softmax pass."""
 

@@ -125,5 +125,5 @@ def test_the_buffer_is_reused_from_step_to_step():
         loss.backward()
         pointers.add(loss_ops._POOL._buffer.data_ptr())
     assert len(pointers) == 1
-    loss_ops._POOL.release()
+    loss_ops.release_loss_buffer()
     assert loss_ops._POOL._buffer is None
