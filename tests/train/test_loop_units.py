@@ -75,13 +75,21 @@ def test_use_gpu_without_gpus_is_a_config_error():
     check_cluster(ResourcesSpec(use_gpu=True), {"CPU": 8.0, "GPU": 1.0})
 
 
-def _ctx(history, checkpoints, resume=None):
+def _ctx(history, checkpoints, resume=None, reports=None):
+    """history: the metrics logged per step (MLflow's side); reports: what went to the runner (Ray's side)."""
     def report(metrics, folder):
-        history.append(metrics)
+        if reports is not None:
+            reports.append((int(metrics["step"]), folder is not None))
         if folder is not None:
             checkpoints[int(metrics["step"])] = folder
 
-    return LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=report,
+    def log(metrics, step):
+        if "loss" in metrics:
+            history.append({**metrics, "step": step})
+        elif history and "eval_loss" in metrics:
+            history[-1] = {**history[-1], **metrics}
+
+    return LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=report, log=log,
                        resume_from=lambda: contextlib.nullcontext(resume))
 
 
@@ -90,8 +98,8 @@ def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path, c
     spec = load_spec("jobs/tiny-lora-instruct.yaml", [
         f"base_model.path={tiny_model}", "training.max_steps=4", "training.checkpoint_every=2",
         "training.eval_every=null", "resources.num_workers=1", "adapter.lora_dropout=0.1"])
-    straight, ckpts = [], {}
-    ctx = _ctx(straight, ckpts)
+    straight, ckpts, reports = [], {}, []
+    ctx = _ctx(straight, ckpts, reports=reports)
     ctx.workdir = tmp_path
     train(spec, ctx)
     progress = [json.loads(line.split("PEFTRAY_PROGRESS ", 1)[1]) for line in capsys.readouterr().out.splitlines()
@@ -99,6 +107,8 @@ def test_resume_from_checkpoint_continues_the_same_curve(tiny_model, tmp_path, c
     assert [p["step"] for p in progress] == [1, 2, 3, 4] and progress[0]["total_steps"] == 4
     assert progress[0]["job"] == spec.name and progress[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-5)
     assert {"lr", "tokens_per_s"} <= set(progress[0])
+    # The runner (Ray Train) hears of the checkpoint step and the end only: each report can wait for its poll.
+    assert reports == [(2, True), (4, True)] and [m["step"] for m in straight] == [1, 2, 3, 4]
     torch.manual_seed(1234)  # a different RNG state: the checkpoint must restore the dropout RNG itself
     resumed = []
     ctx2 = _ctx(resumed, {}, resume=ckpts[2])
