@@ -19,7 +19,7 @@ from peftray.train.loop import LoopContext, build, train
 
 @dataclass
 class LocalRun:
-    """Every reported metrics dict, in order, and the final metrics."""
+    """Every step's metrics in order (what MLflow gets, with "step"), the final metrics, the last checkpoint."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
@@ -37,8 +37,13 @@ def run_local(spec: JobSpec, config=None, checkpoint_dir: Path | None = None) ->
     run = LocalRun()
     keep = Path(checkpoint_dir) if checkpoint_dir else None
 
+    def log(metrics: dict, step: int) -> None:
+        if "loss" in metrics:
+            run.history.append({**metrics, "step": float(step)})
+        elif run.history and run.history[-1]["step"] == step:  # the final evaluation, logged on its own
+            run.history[-1].update(metrics)
+
     def report(metrics: dict, folder: Path | None) -> None:
-        run.history.append(dict(metrics))
         if folder is None:
             return
         if keep is None:
@@ -50,7 +55,7 @@ def run_local(spec: JobSpec, config=None, checkpoint_dir: Path | None = None) ->
 
     device = torch.device("cuda") if spec.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     workdir = keep or Path(tempfile.mkdtemp(prefix="peftray-local-"))
-    ctx = LoopContext(rank=0, world_size=1, device=device, report=report,
+    ctx = LoopContext(rank=0, world_size=1, device=device, report=report, log=log,
                       resume_from=lambda: contextlib.nullcontext(None), config=config, workdir=workdir)
     run.final = train(spec, ctx)
     return run
