@@ -120,6 +120,9 @@ class AdapterEngine:
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():
             raise RuntimeError("the engine thread stopped")
+        stalled = self.engine.stalled_for()
+        if stalled > self.spec.stall_timeout_s:  # Serve replaces an unhealthy replica
+            raise RuntimeError(f"the engine has had requests but finished no step for {stalled:.0f} s")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -157,6 +160,9 @@ def load_engine(spec: ServeConfig):
     return engine, tokenizer
 
 
+BUSY_RETRIES = 3  # 50 + 100 + 200 ms at most before a request is refused with 429
+
+
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=2000)
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
@@ -181,7 +187,8 @@ class OpenAIIngress:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
-        for attempt in range(3):
+        died = busy = 0
+        while True:
             started = False
             handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
             try:
@@ -190,14 +197,20 @@ class OpenAIIngress:
                     yield ev
                 return
             except BackPressureError:
-                raise TooManyRequests("every engine replica is busy and its queue is full (max_ongoing_requests "
-                                      f"{self.spec.max_ongoing_requests}, max_queued_requests "
-                                      f"{self.spec.max_queued_requests}); retry after a moment.") from None
+                # Serve's router counts a request as queued until it is assigned, so a burst can be refused
+                # while slots are about to free up (its own docs say so): a few short retries before the 429.
+                busy += 1
+                if busy > BUSY_RETRIES:
+                    raise TooManyRequests("every engine replica is busy and its queue is full (max_ongoing_requests "
+                                          f"{self.spec.max_ongoing_requests}, max_queued_requests "
+                                          f"{self.spec.max_queued_requests}); retry after a moment.") from None
+                await asyncio.sleep(0.025 * 2 ** busy)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
-                if started or attempt == 2:
+                died += 1
+                if started or died == 3:
                     raise OverloadedError(f"the engine replica serving this request died ({type(exc).__name__}); "
                                           "retry the request.") from None
-                await asyncio.sleep(0.5 * (attempt + 1))
+                await asyncio.sleep(0.5 * died)
 
     async def stats(self) -> dict:
         return {"ok": True}

@@ -44,6 +44,8 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(64, ge=0, description="requests waiting for a replica; beyond: 429 with Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is cut off (504)")
+    stall_timeout_s: float = Field(120.0, gt=0, description="a replica whose engine has requests but finishes no "
+                                   "step for this long fails its health check and is replaced")
     alias_poll_s: float = Field(2.0, gt=0, description="how often aliases are re-read: the promotion bound")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -11,6 +11,7 @@ prefix is a prefilled cache); after prefill every row decodes in the same batch.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -100,6 +101,8 @@ class GenerationEngine:
         self._kv: Optional[kvops.BatchKV] = None
         self._closed = False
         self.steps = self.tokens = 0
+        self.last_step = time.monotonic()  # when the loop last finished a step (or went idle)
+        self._stepping = False  # the loop took work and has not finished that step yet
         self._thread = threading.Thread(target=self._loop, name="peftray-engine", daemon=True)
         self._thread.start()
 
@@ -192,6 +195,12 @@ class GenerationEngine:
             self._cv.notify_all()
         self._thread.join(timeout=10)
 
+    def stalled_for(self) -> float:
+        """Seconds the loop has had work but finished no step (0 when idle or moving): a hang detector."""
+        if not (self._pending or self._rows or self._stepping):
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_step)
+
     @property
     def queued(self) -> int:
         return len(self._pending)
@@ -206,10 +215,12 @@ class GenerationEngine:
             with self._cv:
                 while not self._pending and not self._rows and not self._closed:
                     self._cv.wait()
+                    self.last_step = time.monotonic()
                 if self._closed:
                     break
                 room = self.max_batch_size - len(self._rows)
                 new, self._pending = self._pending[:room], self._pending[room:]
+                self._stepping = True
             try:
                 with self._model_lock, torch.inference_mode():
                     self._drop_finished()
@@ -222,6 +233,8 @@ class GenerationEngine:
                 for row in self._rows + new:
                     self._finish(row, None, error=exc)
                 self._rows, self._kv = [], None
+            finally:
+                self.last_step, self._stepping = time.monotonic(), False
         self._fail_all(OverloadedError("the engine shut down; retry on another replica."))
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -77,12 +77,18 @@ def internal_name(key: str) -> str:
 
 
 class AdapterSlots:
-    """`capacity` adapters at most; `acquire` loads (evicting the LRU unpinned one) and pins, `release` unpins."""
+    """`capacity` adapters at most; `acquire` loads (evicting the LRU unpinned one) and pins, `release` unpins.
+
+    Two locks, always taken in this order: `_lock` guards the table and is held across a load, which waits for
+    the engine's model lock; `_pins` guards pin counts only and is a leaf. The engine thread releases a finished
+    row's slot while it holds the model lock, so `release` must never wait for `_lock` (that was a deadlock).
+    """
 
     def __init__(self, host: AdapterHost, capacity: int) -> None:
         self.host, self.capacity = host, capacity
         self._slots: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
+        self._pins = threading.Lock()
         self.loads = self.evictions = 0
 
     def keys(self) -> list[str]:
@@ -101,7 +107,8 @@ class AdapterSlots:
             slot = self._slots.get(key)
             if slot is not None:
                 self._slots.move_to_end(key)
-                slot.pins += 1
+                with self._pins:
+                    slot.pins += 1
                 return slot
             if len(self._slots) >= self.capacity:
                 self._evict_one()
@@ -112,11 +119,12 @@ class AdapterSlots:
             return slot
 
     def release(self, slot: LoadedAdapter) -> None:
-        with self._lock:
+        with self._pins:
             slot.pins = max(0, slot.pins - 1)
 
     def _evict_one(self) -> None:
-        victim = next((k for k, s in self._slots.items() if s.pins == 0), None)
+        with self._pins:  # pins only fall without `_lock`: an unpinned victim stays unpinned
+            victim = next((k for k, s in self._slots.items() if s.pins == 0), None)
         if victim is None:
             raise OverloadedError(f"all {self.capacity} adapter slots of this replica hold adapters that running "
                                   "requests use; retry shortly or raise max_adapters_per_replica in serve.yaml.")

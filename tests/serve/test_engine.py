@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -127,5 +128,58 @@ def test_queue_limit_refuses_fast(tiny_model, tok):
             except OverloadedError:
                 refused += 1
         assert refused >= 15
+    finally:
+        engine.close()
+
+
+def test_loading_an_adapter_while_a_row_finishes_does_not_deadlock(tiny_model, tok, adapters):
+    """A load holds the slot table while it waits for the model; a row finishing meanwhile (the engine thread
+    holds the model and releases the row's slot) must not wait for the slot table: no lock-order cycle."""
+
+    class SlowLoad(GenerationEngine):
+        def add_lora(self, internal, config, state):
+            started.set()
+            time.sleep(1.0)  # the row below finishes while this load holds the slot table
+            super().add_lora(internal, config, state)
+
+    started = threading.Event()
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    engine = SlowLoad(AutoModelForCausalLM.from_pretrained(tiny_model), tok)
+    try:
+        ids = tok.encode(PROMPTS[1])
+        slot = engine.slots.acquire("lora0", adapters["lora0"])
+        started.clear()
+        ref = hf_generate(tiny_model, adapters["lora0"], ids, 40)
+        done: list = []
+        row = threading.Thread(target=lambda: done.append(
+            engine.generate(ids, SamplingParams(max_tokens=40, temperature=0.0), slot).token_ids))
+        loader = threading.Thread(target=lambda: done.append(engine.slots.acquire("lora1", adapters["lora1"]).key))
+        row.start()
+        loader.start()
+        row.join(30)
+        loader.join(30)
+        assert not row.is_alive() and not loader.is_alive(), "the engine deadlocked"
+        assert sorted(map(str, done)) == sorted([str(ref), "lora1"])
+        assert engine.generate(ids, GREEDY, engine.slots.acquire("lora1", adapters["lora1"])).token_ids == \
+            hf_generate(tiny_model, adapters["lora1"], ids, 10)
+    finally:
+        engine.close()
+
+
+def test_stall_detector_sees_a_stuck_step_and_clears_when_it_moves(tiny_model, tok):
+    engine = _engine(tiny_model, tok)
+    try:
+        ids = tok.encode(PROMPTS[0])
+        engine.generate(ids, GREEDY)
+        assert engine.stalled_for() == 0.0  # idle
+        done = threading.Event()
+        with engine._model_lock:  # the next step cannot run: what a hung step looks like from outside
+            engine.submit(ids, GREEDY, None, lambda ev: ev.finished and done.set())
+            time.sleep(0.6)
+            assert engine.stalled_for() >= 0.5
+        assert done.wait(30)
+        assert engine.stalled_for() < 0.5
     finally:
         engine.close()
