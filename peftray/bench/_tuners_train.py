@@ -33,9 +33,10 @@ def lora_kwargs() -> dict:
     return dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules="all-linear")
 
 
-def make_variants(seed: int, which=VARIANTS) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+def make_variants(seed: int, which=VARIANTS, vocab: int = 4096
+                  ) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     """Each variant's model in train mode and its AdamW; the LoRA sides share one init (copied HF -> peftray)."""
-    base = build_base(seed)
+    base = build_base(seed, vocab)
     models: dict[str, torch.nn.Module] = {}
     if "full" in which:
         models["full"] = copy.deepcopy(base)
@@ -73,10 +74,10 @@ def train_step(model, opt, ids: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
+def run(seed: int, steps: int, warmup: int, threads: int, memory: bool, vocab: int = 4096) -> dict:
     """Times `steps` steps per variant after `warmup`, records every loss, optionally measures memory."""
-    variants = make_variants(seed, which=(*VARIANTS, UNFUSED, FLOOR))
-    batches = make_batches(seed, warmup + steps)
+    variants = make_variants(seed, which=(*VARIANTS, UNFUSED, FLOOR), vocab=vocab)
+    batches = make_batches(seed, warmup + steps, vocab)
     losses: dict[str, list[float]] = {name: [] for name in variants}
     counter = {name: 0 for name in variants}
 
@@ -93,16 +94,17 @@ def run(seed: int, steps: int, warmup: int, threads: int, memory: bool) -> dict:
     hf_l, our_l = losses["hf_peft"], losses["peftray"]
     result["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(hf_l, our_l))
     result["unfused_loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(losses[UNFUSED], our_l))
+    result["vocab"] = vocab
     if memory:
         for name in VARIANTS:
-            result[name]["memory"] = measure_memory(name, seed, threads)
+            result[name]["memory"] = measure_memory(name, seed, threads, vocab=vocab)
     return result
 
 
-def measure_memory(variant: str, seed: int, threads: int, steps: int = 3) -> dict:
+def measure_memory(variant: str, seed: int, threads: int, steps: int = 3, vocab: int = 4096) -> dict:
     """Peak RSS of a fresh process that builds the variant and trains `steps` steps (KiB -> MiB)."""
     cmd = [sys.executable, "-m", "peftray.bench._tuners_train", variant, "--seed", str(seed),
-           "--threads", str(threads), "--steps", str(steps)]
+           "--threads", str(threads), "--steps", str(steps), "--vocab", str(vocab)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
@@ -115,10 +117,11 @@ def _memory_main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=4096)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, opt = make_variants(args.seed, which=(args.variant,))[args.variant]
-    batches = make_batches(args.seed, args.steps)
+    model, opt = make_variants(args.seed, which=(args.variant,), vocab=args.vocab)[args.variant]
+    batches = make_batches(args.seed, args.steps, args.vocab)
     before = rss_kb()  # the model is built; what training adds comes on top of this
     for ids in batches:
         train_step(model, opt, ids)

@@ -32,3 +32,20 @@ def test_goals_are_judged_from_measurements():
                 "logits": {"max_abs_diff": 2e-3}}
     goals = {g["goal"]: g["met"] for g in tuners.check_goals(measured)}
     assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": True, "logits_max_abs_diff": False}
+
+
+def test_train_vocabs_flag_and_a_goal_per_vocabulary(capsys):
+    assert tuners.train_vocabs(tuners.parse_args([])) == [4096, 32000]
+    with pytest.raises(SystemExit):
+        tuners.parse_args(["--train-vocabs", "4096,big"])
+    assert "--train-vocabs" in capsys.readouterr().err
+
+    def train(ours_ms, vocab):
+        return {"hf_peft": {"ms": 100.0, "tokens_per_s": 1024 / 0.1},
+                "peftray": {"ms": ours_ms, "tokens_per_s": 1024 / (ours_ms / 1000)},
+                "loss_max_abs_diff": 1e-6, "vocab": vocab}
+
+    goals = {g["goal"]: g["met"] for g in tuners.check_goals({"train": train(95.0, 4096),
+                                                              "train_vocab32000": train(80.0, 32000)})}
+    assert goals == {"train_tokens_per_s_vs_hf (vocab 4096)": False, "train_loss_max_abs_diff (vocab 4096)": True,
+                     "train_tokens_per_s_vs_hf (vocab 32000)": True, "train_loss_max_abs_diff (vocab 32000)": True}
