@@ -67,7 +67,7 @@ class AdapterEngine:
         try:
             if key:
                 path = await self._adapter_path(key)
-                adapter = await asyncio.to_thread(self.engine.slots.acquire, key, path)
+                adapter = await self.engine.slots.acquire_async(key, path)
             ids = self._encode(job)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()

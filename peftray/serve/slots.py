@@ -9,6 +9,7 @@ P-tuning) or a prefilled key/value prefix (prefix tuning).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections import OrderedDict
@@ -117,6 +118,20 @@ class AdapterSlots:
             self._slots[key] = slot
             self.loads += 1
             return slot
+
+    async def acquire_async(self, key: str, folder: str | Path) -> LoadedAdapter:
+        """`acquire` in a worker thread. If the caller is cancelled meanwhile (client gone, request timeout), the
+        load still finishes in its thread; its pin is then released, so the slot does not stay pinned for good."""
+        fut = asyncio.ensure_future(asyncio.to_thread(self.acquire, key, folder))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            def unpin(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.release(f.result())
+
+            fut.add_done_callback(unpin)
+            raise
 
     def release(self, slot: LoadedAdapter) -> None:
         with self._pins:

@@ -183,3 +183,32 @@ def test_stall_detector_sees_a_stuck_step_and_clears_when_it_moves(tiny_model, t
         assert engine.stalled_for() < 0.5
     finally:
         engine.close()
+
+
+def test_a_request_cancelled_during_its_adapter_load_leaves_no_pin(tiny_model, tok, adapters):
+    import asyncio
+
+    class SlowLoad(GenerationEngine):
+        def add_lora(self, internal, config, state):
+            time.sleep(0.5)
+            super().add_lora(internal, config, state)
+
+    from transformers import AutoModelForCausalLM
+
+    engine = SlowLoad(AutoModelForCausalLM.from_pretrained(tiny_model), tok, max_adapters=1)
+    try:
+        async def cancelled_mid_load():
+            task = asyncio.ensure_future(engine.slots.acquire_async("lora0", adapters["lora0"]))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(1.0)  # the load finishes in its thread meanwhile
+
+        asyncio.run(cancelled_mid_load())
+        assert engine.slots.keys() == ["lora0"]
+        # nothing pins it: a second adapter can take the only slot
+        assert engine.slots.acquire("lora1", adapters["lora1"]).key == "lora1"
+        assert engine.slots.keys() == ["lora1"]
+    finally:
+        engine.close()
