@@ -160,7 +160,7 @@ def load_engine(spec: ServeConfig):
     return engine, tokenizer
 
 
-BUSY_RETRIES = 3  # 50 + 100 + 200 ms at most before a request is refused with 429
+BUSY_RETRIES = 5  # an admitted request refused by Serve's own queue limit: retried after 50, 100 ... 800 ms
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=2000)
@@ -177,13 +177,34 @@ class OpenAIIngress:
         self.api_key = api_key
         self.default_max_tokens = self.spec.default_max_tokens
         self.request_timeout_s = self.spec.request_timeout_s
+        replicas = self.spec.autoscaling.max_replicas if self.spec.autoscaling else self.spec.num_replicas
+        self.capacity = replicas * self.spec.max_ongoing_requests + self.spec.max_queued_requests
+        self.inflight = 0
         openai_api.set_backend(self)
 
     async def call(self, fn, *args):
         return await asyncio.to_thread(fn, *args)
 
     async def run(self, target: Target, job: dict) -> AsyncIterator[dict]:
-        """The engine's events for one job; retried on another replica if its replica died before any output."""
+        """The engine's events for one job; retried on another replica if its replica died before any output.
+
+        Admission is decided here, exactly: at most `capacity` requests (replicas x max_ongoing_requests +
+        max_queued_requests) are in flight, the next is refused at once with 429. Serve's own queue limit stays
+        as a backstop, but its router counts a request as queued until it is assigned, so a burst within the
+        limits can be refused there while slots are about to free up; an admitted request is retried instead.
+        """
+        if self.inflight >= self.capacity:
+            raise TooManyRequests(f"every engine replica is busy and its queue is full ({self.inflight} requests in "
+                                  f"flight; max_ongoing_requests {self.spec.max_ongoing_requests} per replica, "
+                                  f"max_queued_requests {self.spec.max_queued_requests}); retry after a moment.")
+        self.inflight += 1
+        try:
+            async for ev in self._run(target, job):
+                yield ev
+        finally:
+            self.inflight -= 1
+
+    async def _run(self, target: Target, job: dict) -> AsyncIterator[dict]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
@@ -197,10 +218,8 @@ class OpenAIIngress:
                     yield ev
                 return
             except BackPressureError:
-                # Serve's router counts a request as queued until it is assigned, so a burst can be refused
-                # while slots are about to free up (its own docs say so): a few short retries before the 429.
                 busy += 1
-                if busy > BUSY_RETRIES:
+                if busy > BUSY_RETRIES:  # replicas gone or scaled down: Serve's limit is the real one now
                     raise TooManyRequests("every engine replica is busy and its queue is full (max_ongoing_requests "
                                           f"{self.spec.max_ongoing_requests}, max_queued_requests "
                                           f"{self.spec.max_queued_requests}); retry after a moment.") from None

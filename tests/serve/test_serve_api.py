@@ -44,7 +44,10 @@ def test_concurrent_mixed_requests_equal_single_requests(served):
     dep, info = served
     client = _client(dep)
     n0, n1, _ = info["names"]
-    jobs = [(f"{n0}/1", 0), (f"{n1}/1", 1), (info["spec"].served_model_id, "base")] * 2
+    # exactly the deployment's capacity (max_ongoing + max_queued, one replica):
+    # everything is served, nothing refused (Serve's own queue limit over-refuses such bursts; see OpenAIIngress.run)
+    capacity = info["spec"].max_ongoing_requests + info["spec"].max_queued_requests
+    jobs = ([(f"{n0}/1", 0), (f"{n1}/1", 1), (info["spec"].served_model_id, "base")] * capacity)[:capacity]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         texts = list(pool.map(lambda j: _complete(client, j[0]), jobs))
     assert texts == [info["answers"][k] for _, k in jobs]
