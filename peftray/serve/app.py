@@ -6,9 +6,10 @@ Requests carry the resolved immutable version (`name/3`) as Serve's multiplexed 
 them to a replica that already holds that adapter when one has room, and to any replica otherwise (a hot
 adapter is loaded on several replicas rather than pinned to one). Each engine replica loads the base model
 once and keeps `max_adapters_per_replica` adapters in LRU slots; its continuous-batching engine serves every
-adapter it holds in the same forward passes. Overload is refused at the handle (Serve's queue limit, 429) or
+adapter it holds in the same forward passes. Overload is refused at the ingress (its admission count, 429) or
 in the replica (every slot pinned, 503), with Retry-After; a dead replica's requests are retried on another
-one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica.
+one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica,
+also one whose engine stalls (its health check fails after `stall_timeout_s` without a step).
 """
 
 from __future__ import annotations
