@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         vocabs = []
     if not vocabs or min(vocabs) < 512:
         p.error(f"--train-vocabs: expected a comma list of vocabulary sizes >= 512, got {args.train_vocabs!r}")
+    args.train_vocabs = vocabs
     return args
 
 
@@ -69,8 +70,9 @@ def repeats(args) -> dict[str, tuple[int, int]]:
     return {"train": (10, 2), "decode": (30, 5), "prefill": (5, 1), "loss": (7, 2), "kernel": (50, 10)}
 
 
-def train_vocabs(args) -> list[int]:
-    return [int(v) for v in args.train_vocabs.split(",") if v.strip()]
+def train_keys(r: dict) -> list[str]:
+    """The result sections of the training step: `train` (the first vocabulary), then `train_vocab<V>`."""
+    return [k for k in r if k == "train" or k.startswith("train_vocab")]
 
 
 def run(args) -> dict:
@@ -86,7 +88,7 @@ def run(args) -> dict:
                                 "cpus": os.cpu_count(), "repeats": reps}}
     if "train" in sections:
         n, w = reps["train"]
-        for i, vocab in enumerate(train_vocabs(args)):
+        for i, vocab in enumerate(args.train_vocabs):
             results["train" if i == 0 else f"train_vocab{vocab}"] = train.run(
                 args.seed, n, w, args.threads, memory=not (args.quick or args.no_memory), vocab=vocab)
     if any(s in sections for s in ("decode", "prefill", "logits")):
@@ -115,7 +117,7 @@ def check_goals(r: dict) -> list[dict]:
     def goal(name: str, value: float, met: bool, label: str = "") -> None:
         rows.append({"goal": name + label, "value": round(value, 6), "target": GOALS[name], "met": bool(met)})
 
-    for key in [k for k in r if k == "train" or k.startswith("train_vocab")]:
+    for key in train_keys(r):
         t, label = r[key], f" (vocab {r[key]['vocab']})" if "vocab" in r[key] else ""
         goal("train_tokens_per_s_vs_hf", t["peftray"]["tokens_per_s"] / t["hf_peft"]["tokens_per_s"],
              t["peftray"]["tokens_per_s"] >= GOALS["train_tokens_per_s_vs_hf"] * t["hf_peft"]["tokens_per_s"], label)
@@ -140,8 +142,7 @@ def check_goals(r: dict) -> list[dict]:
 
 def render(r: dict) -> str:
     rows = []
-    train_keys = [k for k in r if k == "train" or k.startswith("train_vocab")]
-    sections = [(k, f"4x256 tok, vocab {r[k].get('vocab', 4096)}") for k in train_keys]
+    sections = [(k, f"4x256 tok, vocab {r[k].get('vocab', 4096)}") for k in train_keys(r)]
     for section, unit in (*sections, ("decode", "32x1 tok"), ("prefill", "16x128 tok")):
         for name, v in r.get(section, {}).items():
             if isinstance(v, dict) and "ms" in v:
@@ -161,7 +162,7 @@ def render(r: dict) -> str:
     if "logits" in r:
         out.append(f"\nlogits (16x128 mixed): max |HF PEFT - peftray| = {r['logits']['max_abs_diff']:.2e} "
                    f"(adapters move logits by up to {r['logits']['adapters_vs_base_max_abs']:.2f} vs base)")
-    for key in train_keys:
+    for key in train_keys(r):
         t, v = r[key], r[key].get("vocab", 4096)
         out.append(f"\ntraining step at vocab {v}: loss curves max |HF PEFT - peftray| = {t['loss_max_abs_diff']:.2e}")
         if "floor_frozen" in t:

@@ -195,15 +195,18 @@ class OpenAIIngress:
         limits can be refused there while slots are about to free up; an admitted request is retried instead.
         """
         if self.inflight >= self.capacity:
-            raise TooManyRequests(f"every engine replica is busy and its queue is full ({self.inflight} requests in "
-                                  f"flight; max_ongoing_requests {self.spec.max_ongoing_requests} per replica, "
-                                  f"max_queued_requests {self.spec.max_queued_requests}); retry after a moment.")
+            raise self._busy()
         self.inflight += 1
         try:
             async for ev in self._run(target, job):
                 yield ev
         finally:
             self.inflight -= 1
+
+    def _busy(self) -> TooManyRequests:
+        return TooManyRequests(f"every engine replica is busy and its queue is full ({self.inflight} requests in "
+                               f"flight; max_ongoing_requests {self.spec.max_ongoing_requests} per replica, "
+                               f"max_queued_requests {self.spec.max_queued_requests}); retry after a moment.")
 
     async def _run(self, target: Target, job: dict) -> AsyncIterator[dict]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -221,9 +224,7 @@ class OpenAIIngress:
             except BackPressureError:
                 busy += 1
                 if busy > BUSY_RETRIES:  # replicas gone or scaled down: Serve's limit is the real one now
-                    raise TooManyRequests("every engine replica is busy and its queue is full (max_ongoing_requests "
-                                          f"{self.spec.max_ongoing_requests}, max_queued_requests "
-                                          f"{self.spec.max_queued_requests}); retry after a moment.") from None
+                    raise self._busy() from None
                 await asyncio.sleep(0.025 * 2 ** busy)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
                 died += 1

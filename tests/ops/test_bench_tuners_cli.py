@@ -35,7 +35,7 @@ def test_goals_are_judged_from_measurements():
 
 
 def test_train_vocabs_flag_and_a_goal_per_vocabulary(capsys):
-    assert tuners.train_vocabs(tuners.parse_args([])) == [4096, 32000]
+    assert tuners.parse_args([]).train_vocabs == [4096, 32000]
     with pytest.raises(SystemExit):
         tuners.parse_args(["--train-vocabs", "4096,big"])
     assert "--train-vocabs" in capsys.readouterr().err

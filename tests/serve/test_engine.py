@@ -138,11 +138,9 @@ def test_loading_an_adapter_while_a_row_finishes_does_not_deadlock(tiny_model, t
 
     class SlowLoad(GenerationEngine):
         def add_lora(self, internal, config, state):
-            started.set()
             time.sleep(1.0)  # the row below finishes while this load holds the slot table
             super().add_lora(internal, config, state)
 
-    started = threading.Event()
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
@@ -150,7 +148,6 @@ def test_loading_an_adapter_while_a_row_finishes_does_not_deadlock(tiny_model, t
     try:
         ids = tok.encode(PROMPTS[1])
         slot = engine.slots.acquire("lora0", adapters["lora0"])
-        started.clear()
         ref = hf_generate(tiny_model, adapters["lora0"], ids, 40)
         done: list = []
         row = threading.Thread(target=lambda: done.append(
