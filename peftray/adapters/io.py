@@ -1,7 +1,7 @@
 """Reading and writing adapter folders in the HF PEFT format: adapter_config.json + adapter_model.safetensors.
 
 Paths may be local folders or `s3://bucket/prefix` URIs (s3fs, imported only when such a path is used, with the
-endpoint and credentials of `peftray.config.load_config()`). Pickle files (`adapter_model.bin`) are refused and
+endpoint and credentials of `peftray.endpoints.load_config()`). Pickle files (`adapter_model.bin`) are refused and
 never opened.
 """
 
@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from peftray.errors import AdapterFormatError
-from peftray.tuners.registry import config_from_dict
+from peftray.tuners.methods import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,7 +35,7 @@ class _Folder:
             import s3fs  # only for s3:// paths, so tuners never need it
 
             if storage_options is None:
-                from peftray.config import load_config
+                from peftray.endpoints import load_config
 
                 storage_options = load_config().storage_options()
             self.fs = s3fs.S3FileSystem(**storage_options)

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 
 
 @contextlib.contextmanager

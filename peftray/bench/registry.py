@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from peftray.bench.common import local_stack
 from peftray.tables import table
-from peftray.config import Config
+from peftray.endpoints import Config
 
 
 def write_adapter(path: Path, size_mb: float) -> Path:

@@ -29,7 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _models(root: Path, quick: bool) -> dict[str, Path]:
-    from peftray.models import TinyLlamaSpec, make_tiny_llama
+    from peftray.base_models import TinyLlamaSpec, make_tiny_llama
 
     out = {"tiny": make_tiny_llama(root / "tiny")}
     if not quick:

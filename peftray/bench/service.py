@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from peftray.tables import table
-from peftray.config import load_config
+from peftray.endpoints import load_config
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -152,7 +152,7 @@ class _stack:
 
 
 def _run(cfg, tmp: Path, args) -> dict[str, Any]:
-    from peftray.models import make_tiny_llama
+    from peftray.base_models import make_tiny_llama
 
     model = make_tiny_llama(tmp / "tiny-llama")
     data = Path(__file__).resolve().parents[2] / "jobs" / "data" / "tiny_instruct.jsonl"

@@ -26,7 +26,7 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"  # the repository's example 
 
 
 def _spec(model: Path, steps: int, batch: int, workers: int, seq: int):
-    from peftray.spec import load_spec
+    from peftray.jobspec import load_spec
 
     return load_spec(JOBS / "tiny-lora-instruct.yaml", [
         f"base_model.path={model}", f"dataset.source={JOBS / 'data' / 'tiny_instruct.jsonl'}", f"name=bench-{uuid.uuid4().hex[:8]}", f"training.max_steps={steps}",
@@ -65,7 +65,7 @@ def _ray(spec, cfg) -> dict[str, Any]:
 
 
 def run(cfg, steps: int, batch: int, seq: int, workdir: Path) -> dict[str, Any]:
-    from peftray.models import make_tiny_llama
+    from peftray.base_models import make_tiny_llama
 
     model = make_tiny_llama(workdir / "tiny-llama")
     base = _baseline(_spec(model, steps, batch, 1, seq))

@@ -20,7 +20,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "run a benchmark against its baseline (tuners, train, registry, service, serve)"),
     "stack": ("stack", "start, check and stop the embedded local stack (S3, MLflow, Ray)"),
     "train": ("train", "train a job spec (YAML) on Ray Train and register the adapter: peftray train job.yaml [k=v ...]"),
-    "make-tiny-model": ("models", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
+    "make-tiny-model": ("tiny_model", "write the tiny Llama-architecture model (and tokenizer) used by tests and the demo"),
     "registry": ("registry", "list, show, import, promote, roll back, diff and fetch registered adapters"),
     "service": ("service", "start, check and stop the control plane (REST API) on the local stack; issue tokens"),
     "submit": ("submit", "submit a job spec to the control plane and follow it (like `ray job submit`)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peftray.config import default_state_dir
+from peftray.endpoints import default_state_dir
 
 
 def register(p: argparse.ArgumentParser) -> None:

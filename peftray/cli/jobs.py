@@ -20,7 +20,7 @@ PROGRESS = "PEFTRAY_PROGRESS "
 
 
 def _client(args):
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
     from peftray.service.client import ServiceClient
 
     return ServiceClient.from_config(load_config(args.state_dir))
@@ -41,7 +41,7 @@ def register_submit(p: argparse.ArgumentParser) -> None:
 
 
 def _submit(args) -> int:
-    from peftray.spec import load_spec
+    from peftray.jobspec import load_spec
 
     spec = load_spec(args.spec, args.overrides).model_dump(mode="json")  # fails early, locally, on a bad spec
     local_paths_absolute(spec)

@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timezone
 
 from peftray.cli.table import table
-from peftray.config import load_config
+from peftray.endpoints import load_config
 from peftray.errors import ConfigError
 
 

@@ -63,7 +63,7 @@ def _down(args) -> int:
 
 
 def _token(args) -> int:
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
     from peftray.service.client import ServiceClient
 
     with ServiceClient.from_config(load_config(args.state_dir)) as client:

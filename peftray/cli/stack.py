@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peftray import stack
 from peftray.cli.table import table
-from peftray.config import default_state_dir
+from peftray.endpoints import default_state_dir
 
 
 def register(p: argparse.ArgumentParser) -> None:

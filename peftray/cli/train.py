@@ -15,8 +15,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from peftray.config import load_config
-    from peftray.spec import load_spec
+    from peftray.endpoints import load_config
+    from peftray.jobspec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     if args.check:

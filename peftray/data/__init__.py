@@ -37,7 +37,7 @@ def prepare_data(spec, tokenizer, config=None) -> PreparedData:
     Args:
         spec: the `JobSpec` (its `dataset` section and `training.seed` are used).
         tokenizer: the base model's tokenizer.
-        config: a `peftray.config.Config` for s3:// sources; default `load_config()`.
+        config: a `peftray.endpoints.Config` for s3:// sources; default `load_config()`.
 
     Raises:
         ConfigError: the source is missing, a column is missing (the message lists those that exist),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftray.errors import ConfigError
-from peftray.spec import DatasetSpec
+from peftray.jobspec import DatasetSpec
 
 IGNORE = -100
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftray.errors import ConfigError
-from peftray.spec import DatasetSpec
+from peftray.jobspec import DatasetSpec
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -37,7 +37,7 @@ def load_rows(ds: DatasetSpec, config=None, seed: int = 0) -> SourceRows:
 
     Args:
         ds: the job spec's `dataset` section.
-        config: a `peftray.config.Config` (S3 endpoint and credentials); default `load_config()` when needed.
+        config: a `peftray.endpoints.Config` (S3 endpoint and credentials); default `load_config()` when needed.
         seed: shuffles rows before taking `eval_fraction` of them, so the split is the same on every worker.
 
     Raises:
@@ -92,7 +92,7 @@ def _is_file_source(source: str) -> bool:
 
 def _read_bytes(source: str, config) -> bytes:
     if source.startswith("s3://"):
-        from peftray.config import load_config
+        from peftray.endpoints import load_config
 
         fs = (config or load_config()).s3fs()
         try:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.errors import GateError, PeftrayError
 
 QUESTIONS = ("Tell me about the river.\n", "Describe a quiet student.\n")
@@ -27,7 +27,7 @@ def start_stack(opts) -> Config:
 
 
 def make_model(opts) -> Path:
-    from peftray.models import make_tiny_llama
+    from peftray.base_models import make_tiny_llama
 
     path = make_tiny_llama(opts.model_dir or opts.repo_dir / "models" / "tiny-llama")
     opts.out(f"      {path}")
@@ -35,7 +35,7 @@ def make_model(opts) -> Path:
 
 
 def _load(opts, job: str, model_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    from peftray.spec import load_spec
+    from peftray.jobspec import load_spec
 
     overrides = [f"base_model.path={model_dir}",
                  f"dataset.source={(opts.repo_dir / 'jobs' / 'data' / (job.replace('-', '_') + '.jsonl')).absolute()}"]

@@ -12,7 +12,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.registry.client import AUDIT_PREFIX, boto3_s3
 
 # Actions that change the holder; others ("refused") are only recorded.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.registry import types as t
 from peftray.registry.client import get_config, mlflow_client
 from peftray.registry.resolve import get_model, get_version

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Iterator
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.errors import ConfigError, NotFoundError, PeftrayError
 
 # The experiment that holds the runs peftray creates for adapters registered without a training run.

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.errors import IntegrityError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.cache import AdapterCache

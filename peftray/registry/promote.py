@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.errors import ConfigError, GateError, NotFoundError, PeftrayError
 from peftray.registry.audit import PROMOTE, REFUSED, ROLLBACK, AuditLog, holders
 from peftray.registry.client import get_config, mlflow_client, mlflow_errors

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.errors import ConfigError, NotFoundError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.client import (REGISTRY_EXPERIMENT, get_config, mlflow_client, mlflow_errors, s3_path_of,

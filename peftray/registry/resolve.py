@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.errors import NotFoundError
 from peftray.registry.client import get_config, mlflow_client, mlflow_errors
 from peftray.registry.types import AdapterVersion

@@ -9,7 +9,7 @@ Importing this package starts nothing; Ray is imported when a function that need
 from __future__ import annotations
 
 _LAZY = {
-    "ServeConfig": "peftray.serve.config", "load_serve_config": "peftray.serve.config",
+    "ServeConfig": "peftray.serve.serve_spec", "load_serve_config": "peftray.serve.serve_spec",
     "Deployment": "peftray.serve.lifecycle", "deploy": "peftray.serve.lifecycle", "status": "peftray.serve.lifecycle",
     "down": "peftray.serve.lifecycle", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
     "ModelResolver": "peftray.serve.watch",

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 
 from peftray.errors import PeftrayError
-from peftray.serve.config import ServeConfig
+from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.openai_api import make_app
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
@@ -151,7 +151,7 @@ def load_engine(spec: ServeConfig):
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
-    from peftray.models import local_model_dir
+    from peftray.base_models import local_model_dir
 
     path = local_model_dir(spec.base_model)  # an s3:// base model is downloaded once per node
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -255,15 +255,15 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
 def app_builder(args: dict[str, Any]):
     """Ray Serve application builder for `serve run` / `serveConfigV2` (KubeRay's RayService).
 
-    `args` holds the fields of a serve spec (see `peftray.serve.config.ServeConfig`); endpoints and credentials
+    `args` holds the fields of a serve spec (see `peftray.serve.serve_spec.ServeConfig`); endpoints and credentials
     come from the environment of the cluster's nodes (`PEFTRAY_*`, `MLFLOW_*`, `AWS_*`), and the API key from
     `api_key` or `PEFTRAY_SERVE_API_KEY`. A serve application without a key is refused.
 
         import_path: peftray.serve.app:app_builder
         args: {base_model: s3://peftray/models/tiny-llama, adapters: ["*"], num_gpus: 1, device: cuda}
     """
-    from peftray.config import load_config
-    from peftray.serve.config import load_serve_config
+    from peftray.endpoints import load_config
+    from peftray.serve.serve_spec import load_serve_config
 
     spec = load_serve_config(dict(args or {}))
     api_key = spec.api_key or os.environ.get("PEFTRAY_SERVE_API_KEY")

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from peftray.config import STATE_FILE, Config, load_config, read_state
+from peftray.endpoints import STATE_FILE, Config, load_config, read_state
 from peftray.errors import PeftrayError, StackError
-from peftray.serve.config import ServeConfig, load_serve_config
+from peftray.serve.serve_spec import ServeConfig, load_serve_config
 
 
 @dataclass

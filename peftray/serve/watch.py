@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from peftray.errors import ConfigError, NotFoundError
-from peftray.serve.config import ServeConfig
+from peftray.serve.serve_spec import ServeConfig
 
 
 @dataclass(frozen=True)

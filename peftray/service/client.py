@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.errors import (AuthError, ConfigError, ConflictError, ForbiddenError, NotFoundError, PeftrayError)
 
 _BY_STATUS = {401: AuthError, 403: ForbiddenError, 404: NotFoundError, 409: ConflictError}

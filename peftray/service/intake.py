@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import yaml
 
 from peftray.errors import ConfigError, PeftrayError
-from peftray.spec import JobSpec, load_spec
+from peftray.jobspec import JobSpec, load_spec
 
 # Keys with which a spec could choose what runs on the cluster. The service sets all of these itself.
 EXECUTION_KEYS = frozenset({

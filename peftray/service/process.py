@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from peftray.config import load_config, read_state
+from peftray.endpoints import load_config, read_state
 from peftray.errors import StackError
 from peftray.stack import procs
 from peftray.stack.procs import Proc

@@ -10,7 +10,7 @@
 | `PEFTRAY_SERVICE_POLL_S` | how often the scheduler asks Ray about jobs | 1.0 |
 | `PEFTRAY_JOB_PYTHON` | python executable of the job driver on the cluster | this interpreter |
 
-Endpoints and credentials of S3, MLflow and Ray come from `peftray.config.load_config()` as everywhere else.
+Endpoints and credentials of S3, MLflow and Ray come from `peftray.endpoints.load_config()` as everywhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.errors import ConfigError
 
 

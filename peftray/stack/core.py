@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftray.config import STATE_FILE, Config, load_config, read_state
+from peftray.endpoints import STATE_FILE, Config, load_config, read_state
 from peftray.errors import StackError
 from peftray.stack import procs, servers
 from peftray.stack.procs import Proc

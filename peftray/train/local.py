@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from peftray.spec import JobSpec
+from peftray.jobspec import JobSpec
 from peftray.train.loop import LoopContext, build, train
 
 
@@ -31,7 +31,7 @@ def run_local(spec: JobSpec, config=None, checkpoint_dir: Path | None = None) ->
 
     Args:
         spec: the job spec (`resources.num_workers` is ignored: one process).
-        config: `peftray.config.Config` for s3:// sources.
+        config: `peftray.endpoints.Config` for s3:// sources.
         checkpoint_dir: keep checkpoints here (the latest one only); default: discard them.
     """
     run = LocalRun()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from peftray.data import BatchPlan, PreparedData, collate, eval_batches, prepare_data, total_steps
 from peftray.errors import ConfigError
-from peftray.spec import JobSpec
+from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
 from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
 from peftray.train.schedule import make_optimizer, make_scheduler

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from peftray.errors import ConfigError
-from peftray.spec import JobSpec
+from peftray.jobspec import JobSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -14,7 +14,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 def resolve_base(spec: JobSpec, config=None) -> str:
     """A local folder or hub id `from_pretrained` can read; an s3:// model is downloaded once to the cache."""
-    from peftray.models import local_model_dir
+    from peftray.base_models import local_model_dir
 
     return local_model_dir(spec.base_model.path, config, field="base_model.path")
 

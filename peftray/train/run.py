@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from peftray.config import Config, load_config
+from peftray.endpoints import Config, load_config
 from peftray.data import BatchPlan, prepare_data
 from peftray.errors import GateError, PeftrayError
-from peftray.spec import JobSpec, load_spec
+from peftray.jobspec import JobSpec, load_spec
 from peftray.train.loop import check_precision
 from peftray.train.model import check_quantization, load_tokenizer, resolve_base
 from peftray.train.scaling import check_cluster, scaling_config, torch_backend

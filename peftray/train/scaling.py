@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftray.errors import ConfigError
-from peftray.spec import ResourcesSpec
+from peftray.jobspec import ResourcesSpec
 
 
 def scaling_config(resources: ResourcesSpec):

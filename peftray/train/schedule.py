@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from peftray.spec import TrainingSpec
+from peftray.jobspec import TrainingSpec
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainingSpec) -> torch.optim.Optimizer:

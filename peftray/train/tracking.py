@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftray.spec import JobSpec
+from peftray.jobspec import JobSpec
 
 EXPERIMENT = "peftray-train"
 TAG_JOB = "peftray.job_name"

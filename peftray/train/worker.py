@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from peftray.spec import JobSpec
+from peftray.jobspec import JobSpec
 from peftray.train.loop import LoopContext, train
 
 
@@ -94,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `loop_config` = {spec, env, run_id}."""
     import ray.train
 
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
 
     os.environ.update(loop_config.get("env") or {})
     spec = JobSpec.model_validate(loop_config["spec"])

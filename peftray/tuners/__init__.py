@@ -1,4 +1,4 @@
-"""PEFT methods, one package per method, each registered in `peftray.tuners.registry` on import.
+"""PEFT methods, one package per method, each registered in `peftray.tuners.methods` on import.
 
 To add a method: a new folder with config.py / model.py (and layer.py for layer-injecting methods) whose
 `__init__` calls `register_peft_method(...)`, plus one import line below.
@@ -11,7 +11,7 @@ from peftray.tuners.lora import LoraConfig, LoraModel
 from peftray.tuners.p_tuning import PromptEncoder, PromptEncoderConfig
 from peftray.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from peftray.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
-from peftray.tuners.registry import config_from_dict, get_method, register_peft_method, registered_methods
+from peftray.tuners.methods import config_from_dict, get_method, register_peft_method, registered_methods
 
 __all__ = [
     "IA3Config", "IA3Model", "LoraConfig", "LoraModel", "PeftConfig", "PeftType", "PrefixEncoder",

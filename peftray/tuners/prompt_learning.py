@@ -17,7 +17,7 @@ from torch import nn
 
 from peftray.errors import ConfigError
 from peftray.tuners.config import PeftType, TaskType, fill_from_model_config
-from peftray.tuners.registry import get_method
+from peftray.tuners.methods import get_method
 
 
 def make_prompt_encoder(model: nn.Module, config: Any, loading: bool = False) -> nn.Module:

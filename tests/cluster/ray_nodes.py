@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from peftray.config import Config
+from peftray.endpoints import Config
 from peftray.stack import procs, servers
 from peftray.stack.procs import Proc
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 import yaml
 
-from peftray.serve.config import load_serve_config
+from peftray.serve.serve_spec import load_serve_config
 
 from cluster_checks import (
     PEFTRAY_IMAGE, RAY_KINDS, ROOT, containers, image_problems, inline_secret_problems, load_docs,
@@ -79,7 +79,7 @@ def test_tpu_check_catches_a_wrong_slice_shape():
 
 
 def test_rayjob_runs_one_job_spec_mounted_on_the_head():
-    from peftray.spec import load_spec
+    from peftray.jobspec import load_spec
 
     job = _one("RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster_checks import ROOT
-from peftray.spec import load_spec
+from peftray.jobspec import load_spec
 from peftray.train.scaling import scaling_config
 
 BASE = {"name": "s", "base_model": "m", "dataset": {"source": "d.jsonl", "format": "text"}}

@@ -14,7 +14,7 @@ ROUNDS = 4
 WORKER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
     from peftray.registry import promote
     name, version, alias, barrier, me = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), sys.argv[5]
     cfg = load_config()
@@ -58,7 +58,7 @@ def test_concurrent_promotions_end_on_one_version_with_both_audited(cfg, lora_di
 REGISTER_WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
     from peftray.registry import register_adapter
     folder, name, barrier, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
     cfg = load_config()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from svc_helpers import tiny_spec
 
-from peftray.config import load_config
+from peftray.endpoints import load_config
 from peftray.stack import procs
 
 pytestmark = pytest.mark.stack

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from peftray.errors import ConfigError
-from peftray.spec import ResourcesSpec, load_spec
+from peftray.jobspec import ResourcesSpec, load_spec
 from peftray.train import check_cluster, scaling_config
 from peftray.train.loop import LoopContext, train
-from peftray.spec.models import TrainingSpec
+from peftray.jobspec.schema import TrainingSpec
 from peftray.train.schedule import lr_factor, make_optimizer
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftray.errors import ConfigError
-from peftray.spec import load_spec
+from peftray.jobspec import load_spec
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

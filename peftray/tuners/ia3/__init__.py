@@ -2,7 +2,7 @@
 
 from peftray.tuners.ia3.config import IA3Config
 from peftray.tuners.ia3.model import IA3Model
-from peftray.tuners.registry import register_peft_method
+from peftray.tuners.methods import register_peft_method
 
 register_peft_method("IA3", IA3Config, IA3Model)
 

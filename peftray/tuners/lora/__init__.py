@@ -2,7 +2,7 @@
 
 from peftray.tuners.lora.config import LoraConfig
 from peftray.tuners.lora.model import LoraModel
-from peftray.tuners.registry import register_peft_method
+from peftray.tuners.methods import register_peft_method
 
 register_peft_method("LORA", LoraConfig, LoraModel)
 

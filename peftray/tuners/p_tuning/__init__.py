@@ -2,7 +2,7 @@
 
 from peftray.tuners.p_tuning.config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from peftray.tuners.p_tuning.model import PromptEncoder
-from peftray.tuners.registry import register_peft_method
+from peftray.tuners.methods import register_peft_method
 
 register_peft_method("P_TUNING", PromptEncoderConfig, PromptEncoder)
 

@@ -2,7 +2,7 @@
 
 from peftray.tuners.prefix_tuning.config import PrefixTuningConfig
 from peftray.tuners.prefix_tuning.model import PrefixEncoder
-from peftray.tuners.registry import register_peft_method
+from peftray.tuners.methods import register_peft_method
 
 register_peft_method("PREFIX_TUNING", PrefixTuningConfig, PrefixEncoder)
 

@@ -2,7 +2,7 @@
 
 from peftray.tuners.prompt_tuning.config import PromptTuningConfig, PromptTuningInit
 from peftray.tuners.prompt_tuning.model import PromptEmbedding
-from peftray.tuners.registry import register_peft_method
+from peftray.tuners.methods import register_peft_method
 
 register_peft_method("PROMPT_TUNING", PromptTuningConfig, PromptEmbedding)
 

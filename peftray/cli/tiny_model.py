@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from peftray.models import TinyLlamaSpec, make_tiny_llama
+from peftray.base_models import TinyLlamaSpec, make_tiny_llama
 
 
 def register(p: argparse.ArgumentParser) -> None:

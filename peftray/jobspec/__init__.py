@@ -16,8 +16,8 @@ forbids unknown fields, and no field names a command, a Python dotpath or a Ray 
 scalars) and raises `ConfigError` naming the field as the user wrote it, the value and the allowed values.
 """
 
-from peftray.spec.load import format_validation_error, load_spec
-from peftray.spec.models import (
+from peftray.jobspec.load import format_validation_error, load_spec
+from peftray.jobspec.schema import (
     METHODS, PEFT_TYPES, SLUG, TASK_TYPES, AdapterMethod, BaseModelSpec, DatasetSpec, DoraMethod, GateSpec,
     IA3Method, JobSpec, LoraMethod, PrefixTuningMethod, PromoteSpec, PromptTuningMethod, PTuningMethod,
     RegistrySpec, ResourcesSpec, TrainingSpec, peft_config_kwargs,

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftray.errors import ConfigError
-from peftray.spec.models import _METHOD_MODELS, _SLUG_HELP, METHODS, JobSpec
+from peftray.jobspec.schema import _METHOD_MODELS, _SLUG_HELP, METHODS, JobSpec
 
 
 def load_spec(path_or_text: str | Path | Mapping, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -55,7 +55,7 @@ def _read(src: str | Path | Mapping) -> dict[str, Any]:
 
 def _read_file(path: str) -> str:
     if path.startswith("s3://"):
-        from peftray.config import load_config
+        from peftray.endpoints import load_config
 
         fs = load_config().s3fs()
         try:

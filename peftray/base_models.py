@@ -143,7 +143,7 @@ def local_model_dir(path: str, config=None, field: str = "base_model") -> str:
         return path
     import hashlib
 
-    from peftray.config import load_config
+    from peftray.endpoints import load_config
     from peftray.errors import ConfigError
 
     cfg = config or load_config()

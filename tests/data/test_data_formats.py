@@ -8,7 +8,7 @@ import pytest
 
 from peftray.data import BatchPlan, collate, load_rows, prepare_data
 from peftray.errors import ConfigError
-from peftray.spec import load_spec
+from peftray.jobspec import load_spec
 
 JOB = """
 name: fmt

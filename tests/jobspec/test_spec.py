@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from peftray.errors import ConfigError
-from peftray.spec import METHODS, JobSpec, load_spec
+from peftray.jobspec import METHODS, JobSpec, load_spec
 
 # jobs/ holds job specs; the one file there that is not a job spec is the demo's Ray Serve app config.
 NOT_JOB_SPECS = {"serve-demo.yaml", "serve-tiny.yaml"}
