@@ -6,6 +6,8 @@ and (same weights) in peftray; rows are spread over the adapters round-robin, so
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +18,11 @@ N_ADAPTERS, RANK = 16, 16
 
 
 class MixedModels:
-    """The base model alone, and HF PEFT / peftray with the same 16 adapters, all in eval mode."""
+    """The base model alone, and HF PEFT / peftray with the same adapters (16 by default), all in eval mode."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, n_adapters: int = N_ADAPTERS):
         self.base = build_base(seed).eval()
-        self.names = [f"a{i}" for i in range(N_ADAPTERS)]
+        self.names = [f"a{i}" for i in range(n_adapters)]
         kwargs = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=list(PROJECTIONS))
         self.hf, self.ours = lora_pair(self.base, kwargs, self.names)
         randomize_lora(self.hf, seed)
@@ -29,7 +31,7 @@ class MixedModels:
         self.ours.eval()
 
     def row_names(self, rows: int) -> list[str]:
-        return [self.names[i % N_ADAPTERS] for i in range(rows)]
+        return [self.names[i % len(self.names)] for i in range(rows)]
 
     def single(self, model, ids):
         model.set_adapter(self.names[0])
@@ -49,11 +51,43 @@ def run_forward(models: MixedModels, seed: int, rows: int, tokens: int, repeats:
         "peftray_1": lambda: models.single(models.ours, ids),
         "hf_peft_mixed": lambda: models.hf(input_ids=ids, adapter_names=names, use_cache=False).logits,
         "peftray_mixed": lambda: models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits,
+        "peftray_mixed_pytorch": lambda: _without_kernel(models, ids, names),
     }
     with torch.inference_mode():
         times = time_interleaved(fns, repeats, warmup)
-    return {name: {"ms": median_ms(t), "tokens_per_s": rows * tokens / (median_ms(t) / 1000)}
-            for name, t in times.items()}
+    out = {name: {"ms": median_ms(t), "tokens_per_s": rows * tokens / (median_ms(t) / 1000)}
+           for name, t in times.items()}
+    out["ratios"] = {f"{arm}/base": paired_ratio(times[arm], times["base"])
+                     for arm in ("peftray_mixed", "peftray_mixed_pytorch", "hf_peft_mixed")}
+    return out
+
+
+def _without_kernel(models: MixedModels, ids, names):
+    """peftray's mixed forward with the compiled CPU kernel switched off: the PyTorch (bmm) path, as before it."""
+    from peftray.ops import cpu_kernel
+
+    with cpu_kernel.use(False):
+        return models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits
+
+
+def paired_ratio(arm: list[float], baseline: list[float]) -> dict:
+    """Median of the per-repetition ratios arm/baseline (arms alternate, so each pair saw the same machine
+    noise) and their interquartile range, the spread."""
+    ratios = sorted(a / b for a, b in zip(arm, baseline))
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+    return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
+
+
+def run_adapter_counts(seed: int, counts: list[int], repeats: int, warmup: int, rows: int = 32) -> dict:
+    """Decode step (rows x 1 token) at each adapter count: base, HF PEFT, peftray (kernel and PyTorch path)."""
+    out = {}
+    for n in counts:
+        models = MixedModels(seed, n)
+        res = run_forward(models, seed, rows, 1, repeats, warmup)
+        out[str(n)] = {k: res[k] for k in ("base", "hf_peft_mixed", "peftray_mixed", "peftray_mixed_pytorch",
+                                           "ratios")}
+        del models
+    return out
 
 
 def logits_diff(models: MixedModels, seed: int, rows: int, tokens: int) -> dict:

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+KERNEL_SEGMENT = 8  # rows per run of the compiled CPU kernel (MAX_SEG in ops/_lora_rows.c)
+
 
 @dataclass(frozen=True, eq=False)
 class RowPlan:
@@ -53,6 +55,7 @@ class RowPlan:
     row_to_pad: torch.Tensor
     used_index: torch.Tensor
     _copies: dict = field(default_factory=dict, repr=False)  # device -> the same plan there (see `on`)
+    _segments: dict = field(default_factory=dict, repr=False)  # tokens per row -> see kernel_segments
 
     @classmethod
     def from_indices(cls, idx: Union[torch.Tensor, Sequence[int]],
@@ -124,6 +127,24 @@ class RowPlan:
     def padding(self) -> float:
         """Padded rows / active rows (1.0 = no filler rows); inf for an all-base batch."""
         return len(self.used) * self.group / self.n_active if self.n_active else float("inf")
+
+    def kernel_segments(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled CPU kernel's row layout for a [B * tokens, ...] view: active token rows sorted by slot,
+        cut into runs of one slot of at most KERNEL_SEGMENT rows (so one adapter's rows still spread over the
+        threads), as (rows, run starts + end, run slots), int64 on the CPU; made once per plan and token count,
+        since every layer of a forward asks for the same."""
+        if tokens not in self._segments:
+            rows, starts, seg_slots = [], [], []
+            for slot in self.used:
+                token_rows = [row * tokens + t for row in range(self.batch_size) if self.slots[row] == slot
+                              for t in range(tokens)]
+                for i in range(0, len(token_rows), KERNEL_SEGMENT):
+                    starts.append(len(rows))
+                    seg_slots.append(slot)
+                    rows.extend(token_rows[i:i + KERNEL_SEGMENT])
+            starts.append(len(rows))
+            self._segments[tokens] = tuple(torch.tensor(v, dtype=torch.long) for v in (rows, starts, seg_slots))
+        return self._segments[tokens]
 
     def to(self, device: Union[str, torch.device]) -> "RowPlan":
         """The same plan with its index tensors on `device`."""

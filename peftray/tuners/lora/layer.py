@@ -192,12 +192,10 @@ class Linear(LoraLayer):
         # Checked on every layer call of every mixed forward: plain dict reads, not nn.Module.__getattr__
         # (through which this key cost about a millisecond per decode step with 16 adapters).
         mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
-        state = []
-        for n in order:
-            if n in mods_a:
-                a, b = mods_a[n]._parameters["weight"], mods_b[n]._parameters["weight"]
-                state += (a._version, a.data_ptr(), b._version, b.data_ptr())
-        key = (order, dtype, self.base_layer.weight.device, self._generation, tuple(state))
+        weights = [m._parameters["weight"] for mods in (mods_a, mods_b) for n in order if n in mods_a
+                   for m in (mods[n],)]
+        key = (order, dtype, self.base_layer.weight.device, self._generation,
+               tuple([w._version for w in weights]), tuple([w.data_ptr() for w in weights]))
         if key != self._stack_key:
             r_max = max([self.r[n] for n in order if n in self.lora_A] or [1])
             device = self.base_layer.weight.device
