@@ -78,6 +78,36 @@ def paired_ratio(arm: list[float], baseline: list[float]) -> dict:
     return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
 
 
+def run_cached_decode(models: MixedModels, seed: int, rows: int, prompt_len: int, repeats: int, warmup: int) -> dict:
+    """The serving engine's decode step: one new token per row on top of a KV cache of `prompt_len` tokens
+    (the cache is cropped back after each timed step, so every repeat decodes the same position)."""
+    from peftray.ops import cpu_kernel
+
+    ids, names = _ids(seed, rows, prompt_len), models.row_names(rows)
+    nxt = _ids(seed + 1, rows, 1)
+    caches = {}
+    with torch.inference_mode():
+        caches["base"] = models.base(input_ids=ids, use_cache=True).past_key_values
+        caches["ours"] = models.ours(input_ids=ids, adapter_names=names, use_cache=True).past_key_values
+
+        def step(model, cache, **kw):
+            model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+            cache.crop(-1)  # drop the token just added
+
+        def ours_pytorch():
+            with cpu_kernel.use(False):
+                step(models.ours, caches["ours"], adapter_names=names)
+
+        fns = {"base": lambda: step(models.base, caches["base"]),
+               "peftray_mixed": lambda: step(models.ours, caches["ours"], adapter_names=names),
+               "peftray_mixed_pytorch": ours_pytorch}
+        times = time_interleaved(fns, repeats, warmup)
+    out = {name: {"ms": median_ms(t), "tokens_per_s": rows / (median_ms(t) / 1000)} for name, t in times.items()}
+    out["ratios"] = {f"{arm}/base": paired_ratio(times[arm], times["base"])
+                     for arm in ("peftray_mixed", "peftray_mixed_pytorch")}
+    return out
+
+
 def run_adapter_counts(seed: int, counts: list[int], repeats: int, warmup: int, rows: int = 32) -> dict:
     """Decode step (rows x 1 token) at each adapter count: base, HF PEFT, peftray (kernel and PyTorch path)."""
     out = {}

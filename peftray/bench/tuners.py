@@ -10,7 +10,8 @@ random init from a seed), same data, fp32, the same `torch.set_num_threads` for 
    where the lm_head and the loss are a real share of a step as in real models);
 2. mixed-adapter decode-like step (32 rows x 1 token, 16 adapters): base alone vs HF PEFT vs peftray (with the
    compiled CPU kernel, and on its PyTorch path), median ratio to the base and its spread over paired repeats;
-   section `adapters`: the same step at 1, 4, 16 and 64 adapters;
+   section `adapters`: the same step at 1, 4, 16 and 64 adapters; section `kv_decode`: the serving engine's
+   decode step (one token per row on a 64-token KV cache), kernel on and off;
 3. mixed prefill (16 rows x 128 tokens, 16 adapters) and each side with one adapter;
 4. the mixed batch's logits, HF PEFT vs peftray;
 5. the causal-LM loss (lm_head + loss, forward and backward) at vocabularies 4096, 32000 and 128256:
@@ -37,7 +38,7 @@ GOALS = {
 }
 
 
-SECTIONS = ("train", "decode", "adapters", "prefill", "logits", "loss", "kernel")
+SECTIONS = ("train", "decode", "kv_decode", "adapters", "prefill", "logits", "loss", "kernel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time (default), or process CPU time: steadier on a loaded machine, use with --threads 1")
-    p.add_argument("--sections", default="train,decode,adapters,prefill,logits,loss,kernel",
+    p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--adapter-counts", default="1,4,16,64", help="adapter counts of the `adapters` section")
     p.add_argument("--train-vocabs", default="4096,32000",
@@ -78,9 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def repeats(args) -> dict[str, tuple[int, int]]:
     """(repeats, warmup) per section; training keeps 10 timed steps (the loss curve) unless --quick."""
     if args.quick:
-        return {"train": (3, 1), "decode": (5, 2), "adapters": (5, 2), "prefill": (2, 1), "loss": (3, 1),
+        return {"train": (3, 1), "decode": (5, 2), "kv_decode": (5, 2), "adapters": (5, 2), "prefill": (2, 1), "loss": (3, 1),
                 "kernel": (10, 3)}
-    return {"train": (10, 2), "decode": (30, 5), "adapters": (20, 3), "prefill": (5, 1), "loss": (7, 2),
+    return {"train": (10, 2), "decode": (30, 5), "kv_decode": (30, 5), "adapters": (20, 3), "prefill": (5, 1), "loss": (7, 2),
             "kernel": (50, 10)}
 
 
@@ -105,10 +106,12 @@ def run(args) -> dict:
         for i, vocab in enumerate(args.train_vocabs):
             results["train" if i == 0 else f"train_vocab{vocab}"] = train.run(
                 args.seed, n, w, args.threads, memory=not (args.quick or args.no_memory), vocab=vocab)
-    if any(s in sections for s in ("decode", "prefill", "logits")):
+    if any(s in sections for s in ("decode", "kv_decode", "prefill", "logits")):
         models = mixed.MixedModels(args.seed)
         if "decode" in sections:
             results["decode"] = mixed.run_forward(models, args.seed, 32, 1, *reps["decode"])
+        if "kv_decode" in sections:
+            results["kv_decode"] = mixed.run_cached_decode(models, args.seed, 32, 64, *reps["kv_decode"])
         if "prefill" in sections:
             results["prefill"] = mixed.run_forward(models, args.seed, 16, 128, *reps["prefill"])
         if "logits" in sections:
@@ -159,14 +162,15 @@ def check_goals(r: dict) -> list[dict]:
 def render(r: dict) -> str:
     rows = []
     sections = [(k, f"4x256 tok, vocab {r[k].get('vocab', 4096)}") for k in train_keys(r)]
-    for section, unit in (*sections, ("decode", "32x1 tok"), ("prefill", "16x128 tok")):
+    for section, unit in (*sections, ("decode", "32x1 tok"), ("kv_decode", "32x1 tok, 64 cached"),
+                          ("prefill", "16x128 tok")):
         for name, v in r.get(section, {}).items():
             if isinstance(v, dict) and "ms" in v:
                 mem = v.get("memory", {}).get("peak_rss_mib", "")
                 rows.append([section, name, f"{v['ms']:.1f}", f"{v['tokens_per_s']:.0f}", unit, mem])
     out = [table(["section", "variant", "median ms", "tokens/s", "batch", "peak RSS MiB"], rows)]
     ratio_rows = [[f"{section} ({n})" if n else section, arm, f"{q['median']:.3f}", f"{q['p25']:.3f}-{q['p75']:.3f}"]
-                  for section, n, res in ([("decode", "", r["decode"])] if "decode" in r else [])
+                  for section, n, res in [(k, "", r[k]) for k in ("decode", "kv_decode") if k in r]
                   + [("adapters", n, res) for n, res in r.get("adapters", {}).items()]
                   for arm, q in res["ratios"].items()]
     if ratio_rows:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftray.ops.lora import lora_delta, new_stacked_b, stack_lora_weights
+from peftray.ops.lora import lora_delta, lora_delta_small_, new_stacked_b, stack_lora_weights
 from peftray.ops.plan import RowPlan
 
-__all__ = ["RowPlan", "lora_delta", "new_stacked_b", "stack_lora_weights"]
+__all__ = ["RowPlan", "lora_delta", "lora_delta_small_", "new_stacked_b", "stack_lora_weights"]

@@ -36,23 +36,24 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_RANK = 256  # the C kernel's per-row scratch (keep in step with MAX_RANK in _lora_rows.c)
 _lock = threading.Lock()
 _state: dict = {}
-_switch = threading.local()  # per thread, so a benchmark's "off" arm never leaks into a serving thread
+_switch = {"on": True}
 
 
 def enabled() -> bool:
-    """Whether `lora_delta` may use the kernel in this thread (default yes; see `use`)."""
-    return getattr(_switch, "on", True)
+    """Whether `lora_delta` may use the kernel (default yes; see `use`)."""
+    return _switch["on"]
 
 
 @contextlib.contextmanager
 def use(on: bool):
-    """Turn the kernel on or off for `lora_delta` in this thread (benchmarks compare both paths this way)."""
-    before = enabled()
-    _switch.on = on
+    """Turn the kernel on or off for `lora_delta`, process-wide (also for a serving engine's own thread):
+    benchmarks compare both paths this way."""
+    before = _switch["on"]
+    _switch["on"] = on
     try:
         yield
     finally:
-        _switch.on = before
+        _switch["on"] = before
 
 
 def _cache_dir() -> Path:

@@ -106,6 +106,30 @@ def _kernel_into(out, x, a, b, scaling, plan: RowPlan, tokens: int) -> Optional[
     return out
 
 
+def lora_delta_small_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                      scaling: torch.Tensor, plan: RowPlan) -> bool:
+    """out += the LoRA term through the compiled CPU kernel when it applies; False (out untouched) otherwise.
+
+    The lean entry for a layer that made its own stacks (a [N, r, in], bt = b transposed [N, r, out], scaling
+    [N], contiguous, without autograd) and knows the shapes fit: a decode step pays no more than a few
+    attribute reads here before the kernel. Anything else (GPU, other dtypes, autograd, big inputs) returns
+    False and the caller uses `lora_delta`.
+    """
+    if not cpu_kernel._switch["on"] or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or out.dtype != torch.float32 or a.dtype != torch.float32 or a.shape[1] > cpu_kernel.MAX_RANK:
+        return False
+    tokens = x.numel() // (x.shape[0] * x.shape[-1]) if x.shape[0] else 0
+    if plan.n_active == 0 or plan.n_active * tokens > _KERNEL_MAX_TOKEN_ROWS or not x.is_contiguous() \
+            or not out.is_contiguous() or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)):
+        return False
+    fn = cpu_kernel._load()
+    if fn is None:
+        return False
+    cpu_kernel.call(fn, out.view(-1, out.shape[-1]), x.view(-1, x.shape[-1]), a, bt, scaling,
+                    plan.kernel_segments(tokens))
+    return True
+
+
 def _used_weights(a, b, scaling, plan: RowPlan, dtype: torch.dtype):
     """The used adapters' A, B and scale: a view when the used slots are contiguous, else one gather."""
     if plan.used_range is not None:

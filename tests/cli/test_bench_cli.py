@@ -28,10 +28,14 @@ def test_cli_dispatches_area_and_its_flags():
 
 
 def test_goals_are_judged_from_measurements():
-    measured = {"decode": {"base": {"ms": 10.0}, "hf_peft_mixed": {"ms": 40.0}, "peftray_mixed": {"ms": 15.0}},
-                "logits": {"max_abs_diff": 2e-3}}
-    goals = {g["goal"]: g["met"] for g in tuners.check_goals(measured)}
+    def decode(ratio):  # the goal reads the median of paired ratios, not the ratio of medians
+        return {"base": {"ms": 10.0}, "hf_peft_mixed": {"ms": 40.0}, "peftray_mixed": {"ms": 12.0},
+                "ratios": {"peftray_mixed/base": {"median": ratio, "p25": ratio, "p75": ratio, "n": 1}}}
+
+    goals = {g["goal"]: g["met"] for g in tuners.check_goals({"decode": decode(1.2), "logits": {"max_abs_diff": 2e-3}})}
     assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": True, "logits_max_abs_diff": False}
+    goals = {g["goal"]: g["met"] for g in tuners.check_goals({"decode": decode(1.3)})}
+    assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": False}
 
 
 def test_train_vocabs_flag_and_a_goal_per_vocabulary(capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_lora_delta import make_adapters, reference
 
-from peftray.ops import RowPlan, cpu_kernel, lora_delta, stack_lora_weights
+from peftray.ops import RowPlan, cpu_kernel, lora_delta, lora_delta_small_, stack_lora_weights
 
 SLOTS = [0, 1, 2, -1, 1, 1, 3, -1, 2, 0]
 RANKS = [2, 8, 4, 16]
@@ -86,3 +86,23 @@ def test_disabled_by_environment_falls_back(tmp_path):
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_layer_entry_adds_in_place_or_declines():
+    adapters = make_adapters(RANKS, 40, 72)
+    a, b, scaling = stack_lora_weights(adapters)
+    bt = b.transpose(1, 2)
+    x = torch.randn(len(SLOTS), 1, 40, generator=torch.Generator().manual_seed(6))
+    base = torch.randn(len(SLOTS), 1, 72, generator=torch.Generator().manual_seed(7))
+    plan = RowPlan.from_indices(SLOTS)
+    out = base.clone()
+    with torch.inference_mode():
+        assert lora_delta_small_(out, x, a, bt, scaling, plan)
+        torch.testing.assert_close(out.double(), base.double() + reference(x, adapters, SLOTS), atol=1e-5, rtol=1e-5)
+        big = torch.randn(len(SLOTS), 64, 40)  # 8 active rows x 64 tokens: past the kernel's size, bmm's job
+        untouched = torch.zeros(len(SLOTS), 64, 72)
+        assert not lora_delta_small_(untouched, big, a, bt, scaling, plan)
+        assert not lora_delta_small_(base.double(), x.double(), a.double(), bt.double(), scaling.double(), plan)
+        with cpu_kernel.use(False):
+            assert not lora_delta_small_(base.clone(), x, a, bt, scaling, plan)
+    assert untouched.abs().sum() == 0

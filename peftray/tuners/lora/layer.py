@@ -210,17 +210,19 @@ class Linear(LoraLayer):
                         a_st[i, :r] = self.lora_A[n].weight
                         b_st[i, :, :r] = self.lora_B[n].weight
                         scaling[i] = self.scaling[n]
-            self._stack, self._stack_key = (a_st, b_st, scaling, dora), key
+            self._stack, self._stack_key = (a_st, b_st, scaling, dora, b_st.transpose(1, 2)), key
         return self._stack
 
     def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
-        from peftray.ops import lora_delta
+        from peftray.ops import lora_delta, lora_delta_small_
 
         result = self.base_layer(x)
         if x.shape[0] != mixed.indices.shape[0]:
             raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
-        a, b, scaling, dora = self._stacked(mixed.order, x.dtype)
-        if result.dtype == x.dtype:  # accumulate into the base output (in place when autograd allows)
+        a, b, scaling, dora, bt = self._stacked(mixed.order, x.dtype)
+        if lora_delta_small_(result, x, a, bt, scaling, mixed.plan):
+            pass  # decode-sized float32 batch on the CPU: added in place by the compiled kernel
+        elif result.dtype == x.dtype:  # accumulate into the base output (in place when autograd allows)
             result = lora_delta(x, a, b, scaling, mixed.plan, out=result)
         else:
             result = result + lora_delta(x, a, b, scaling, mixed.plan).to(result.dtype)
