@@ -57,7 +57,7 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: torch
     if plan.n_active == 0:
         return out if out is not None else x.new_zeros(*lead, n_out)
     if out is not None and plan.n_active * tokens <= _KERNEL_MAX_TOKEN_ROWS:
-        done = _kernel_into(out, x, a, b, scaling, plan, tokens)
+        done = _kernel_into(out, x, a, b, scaling, plan)
         if done is not None:
             return done
     x3 = x.reshape(bsz, tokens, n_in)
@@ -88,22 +88,15 @@ def _check(x, a, b, scaling, plan: RowPlan, out) -> None:
         raise ValueError(f"lora_delta: out has shape {tuple(out.shape)}, expected {(*x.shape[:-1], b.shape[1])}")
 
 
-def _kernel_into(out, x, a, b, scaling, plan: RowPlan, tokens: int) -> Optional[torch.Tensor]:
+def _kernel_into(out, x, a, b, scaling, plan: RowPlan) -> Optional[torch.Tensor]:
     """out + the term through the compiled CPU kernel, or None when it does not apply (then bmm does it)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _writable(out, x) or not cpu_kernel.enabled():
-        return None
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or scaling.requires_grad):
         return None  # the kernel has no backward
     bt = b.transpose(1, 2)  # the stored layout of `new_stacked_b`: contiguous, no copy
-    if not (a.dtype == bt.dtype == scaling.dtype == torch.float32 and a.is_contiguous() and bt.is_contiguous()
-            and scaling.is_contiguous() and x.is_contiguous() and a.shape[1] <= cpu_kernel.MAX_RANK):
+    if not (a.is_contiguous() and bt.is_contiguous() and scaling.is_contiguous()
+            and a.dtype == bt.dtype == scaling.dtype):
         return None
-    fn = cpu_kernel._load()
-    if fn is None:
-        return None
-    cpu_kernel.call(fn, out.view(-1, out.shape[-1]), x.view(-1, x.shape[-1]), a, bt, scaling,
-                    plan.kernel_segments(tokens))
-    return out
+    return out if lora_delta_small_(out, x, a, bt, scaling, plan) else None
 
 
 def lora_delta_small_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
