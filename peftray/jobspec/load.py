@@ -37,6 +37,21 @@ def load_spec(path_or_text: str | Path | Mapping, overrides: list[str] | tuple[s
         raise ConfigError(format_validation_error(exc)) from None
 
 
+def pin_local_path(value: Any, roots: tuple[Path, ...] = ()) -> Any:
+    """`value` made absolute when it names a local file or folder that exists under one of `roots` (first match;
+    default: the working directory); anything else (a hub id like `gpt2`, an `s3://` URI, a non-string) as given.
+
+    Specs name local paths relative to where the user stands, but what reads them (the job's driver, a Serve
+    replica) runs elsewhere.
+    """
+    if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+        return value
+    for root in roots or (Path.cwd(),):
+        if (Path(root) / value).exists():
+            return str((Path(root) / value).resolve())
+    return value
+
+
 def _read(src: str | Path | Mapping) -> dict[str, Any]:
     if isinstance(src, Mapping):
         return json.loads(json.dumps(dict(src)))  # a deep copy that overrides may change
