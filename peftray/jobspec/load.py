@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftray.errors import ConfigError
-from peftray.jobspec.schema import _METHOD_MODELS, _SLUG_HELP, METHODS, JobSpec
+from peftray.jobspec.schema import _SLUG_HELP, _SPEC_MODELS, METHODS, JobSpec
 
 
 def load_spec(path_or_text: str | Path | Mapping, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -150,8 +150,8 @@ def _allowed_fields(loc: tuple) -> list[str]:
     i = 0
     while i < len(parts):
         if model is JobSpec and parts[i] == "adapter":
-            if i + 1 < len(parts) and parts[i + 1] in _METHOD_MODELS:
-                model, i = _METHOD_MODELS[parts[i + 1]], i + 2
+            if i + 1 < len(parts) and parts[i + 1] in _SPEC_MODELS:
+                model, i = _SPEC_MODELS[parts[i + 1]], i + 2
                 continue
             return ["method"]
         field = model.model_fields.get(parts[i])
