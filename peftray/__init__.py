@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
     "JobSpec": "peftray.jobspec", "load_spec": "peftray.jobspec", "run_job": "peftray.train", "TrainResult": "peftray.train",
-    "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model",
+    # from task_models, so that every task subclass is defined when they are used
+    "PeftModel": "peftray.task_models", "get_peft_model": "peftray.task_models",
     **{name: "peftray.task_models" for name in (
         "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
         "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification")},

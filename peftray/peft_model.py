@@ -26,6 +26,10 @@ from peftray.tuners.methods import get_method
 from peftray.tuners.tuner import BaseTuner, wrap_modules_to_save
 
 CLASSIFIER_NAMES = ["classifier", "score"]
+# The task subclasses (`peftray.task_models`) register here as they are defined (`class X(PeftModel,
+# task_type=...)`), so this module never imports them; the public API (`peftray.PeftModel`,
+# `peftray.get_peft_model`) comes from `peftray.task_models`, which always has them all.
+TASK_CLASSES: dict[TaskType, type] = {}
 
 
 class PeftModel(nn.Module):
@@ -34,6 +38,11 @@ class PeftModel(nn.Module):
     #: Causal LMs given `labels` compute their loss with peftray's fused cross-entropy (`peftray.ops.loss`):
     #: the same value and gradient as transformers', faster. Set False to use the model's own loss function.
     use_fused_loss: bool = True
+
+    def __init_subclass__(cls, task_type: TaskType | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if task_type is not None:
+            TASK_CLASSES[task_type] = cls
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  init_weights: bool = True) -> None:
@@ -347,18 +356,3 @@ class _Probe:
 
     def get_base_model(self) -> nn.Module:
         return self._model
-
-
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap a transformers model with a new, trainable adapter described by `peft_config`."""
-    if not isinstance(peft_config, PeftConfig):
-        raise ConfigError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
-    get_method(peft_config.peft_type)
-    peft_config = copy.deepcopy(peft_config)
-    if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    peft_cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    return peft_cls(model, peft_config, adapter_name)
-
-
-from peftray.task_models import TASK_CLASSES  # noqa: E402  (task subclasses import PeftModel)

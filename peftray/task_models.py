@@ -6,14 +6,17 @@ for prompt methods and for SEQ_CLS, which (like HF PEFT) trains and saves the cl
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 from peftray.errors import ConfigError
-from peftray.peft_model import CLASSIFIER_NAMES, PeftModel
+from peftray.peft_model import CLASSIFIER_NAMES, TASK_CLASSES, PeftModel
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
+from peftray.tuners.methods import get_method
 
 
 def _batch_size(input_ids, inputs_embeds) -> int:
@@ -50,7 +53,7 @@ class _PromptTasks(PeftModel):
                                **kwargs)
 
 
-class PeftModelForCausalLM(_PromptTasks):
+class PeftModelForCausalLM(_PromptTasks, task_type=TaskType.CAUSAL_LM):
     """Causal language models (`AutoModelForCausalLM`)."""
 
     prefix_labels = True
@@ -79,7 +82,7 @@ class PeftModelForCausalLM(_PromptTasks):
         return torch.cat([input_ids, out], 1)
 
 
-class PeftModelForSequenceClassification(_PromptTasks):
+class PeftModelForSequenceClassification(_PromptTasks, task_type=TaskType.SEQ_CLS):
     """Sequence classification; the classifier head (`classifier` / `score`) is trained and saved too."""
 
     classifier_names = CLASSIFIER_NAMES
@@ -98,11 +101,11 @@ def _add_classifier(config: PeftConfig, names: list[str]) -> None:
         config.modules_to_save = (list(config.modules_to_save) if config.modules_to_save else []) + names
 
 
-class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+class PeftModelForTokenClassification(PeftModelForSequenceClassification, task_type=TaskType.TOKEN_CLS):
     """Token classification (the classifier head is trained and saved too)."""
 
 
-class PeftModelForFeatureExtraction(_PromptTasks):
+class PeftModelForFeatureExtraction(_PromptTasks, task_type=TaskType.FEATURE_EXTRACTION):
     """Encoders used for embeddings (`AutoModel`)."""
 
     def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs: Any):
@@ -110,21 +113,23 @@ class PeftModelForFeatureExtraction(_PromptTasks):
         return super()._prompt_forward(input_ids, attention_mask, inputs_embeds, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
+class PeftModelForSeq2SeqLM(PeftModel, task_type=TaskType.SEQ_2_SEQ_LM):
     """Encoder-decoder LMs (LoRA and IA3; prompt methods are refused for this task)."""
 
 
-class PeftModelForQuestionAnswering(PeftModelForSequenceClassification):
+class PeftModelForQuestionAnswering(PeftModelForSequenceClassification, task_type=TaskType.QUESTION_ANS):
     """Extractive question answering (the `qa_outputs` head is trained and saved too)."""
 
     classifier_names = ["qa_outputs"]
 
 
-TASK_CLASSES = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-}
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap a transformers model with a new, trainable adapter described by `peft_config`."""
+    if not isinstance(peft_config, PeftConfig):
+        raise ConfigError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
+    get_method(peft_config.peft_type)
+    peft_config = copy.deepcopy(peft_config)
+    if peft_config.base_model_name_or_path is None:
+        peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    peft_cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
+    return peft_cls(model, peft_config, adapter_name)

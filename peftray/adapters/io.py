@@ -2,11 +2,12 @@
 
 Paths may be local folders or `s3://bucket/prefix` URIs (s3fs, imported only when such a path is used, with the
 endpoint and credentials of `peftray.endpoints.load_config()`). Pickle files (`adapter_model.bin`) are refused and
-never opened.
+never opened. The format's names and checks live in `peftray.adapters.format`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -17,12 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from peftray.adapters.format import (
+    CONFIG_NAME, SAFETENSORS_HINT, WEIGHTS_NAME, check_safetensors, is_pickle, parse_config,
+)
 from peftray.errors import AdapterFormatError
 from peftray.tuners.methods import config_from_dict
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 
 
 class _Folder:
@@ -42,6 +42,13 @@ class _Folder:
 
     def join(self, name: str) -> str:
         return f"{self.path}/{name}"
+
+    def names(self) -> list[str]:
+        """The file names directly in the folder ([] when there is no folder)."""
+        if self.fs:
+            found = self.fs.ls(self.path, detail=False) if self.fs.isdir(self.path) else []
+            return [p.rsplit("/", 1)[-1] for p in found]
+        return sorted(os.listdir(self.path)) if os.path.isdir(self.path) else []
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.join(name)) if self.fs else os.path.isfile(self.join(name))
@@ -70,11 +77,7 @@ def read_adapter_config(path: str | os.PathLike, storage_options: dict | None = 
 def _read_config(folder: _Folder):
     if not folder.exists(CONFIG_NAME):
         raise AdapterFormatError(f"no {CONFIG_NAME} in {folder.path}: not an adapter folder (or a wrong path).")
-    try:
-        data = json.loads(folder.read(CONFIG_NAME))
-    except ValueError as exc:
-        raise AdapterFormatError(f"{folder.join(CONFIG_NAME)} is not valid JSON: {exc}") from None
-    return config_from_dict(data)
+    return config_from_dict(parse_config(folder.read(CONFIG_NAME), folder.join(CONFIG_NAME)))
 
 
 def read_adapter(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -82,17 +85,18 @@ def read_adapter(path: str | os.PathLike, storage_options: dict | None = None) -
     folder = _Folder(path, storage_options)
     config = _read_config(folder)
     if not folder.exists(WEIGHTS_NAME):
-        pickled = [n for n in PICKLE_NAMES if folder.exists(n)]
+        pickled = [n for n in folder.names() if is_pickle(n)]
         if pickled:
             raise AdapterFormatError(
                 f"{folder.join(pickled[0])} is a pickle file; peftray never unpickles (it can run arbitrary code). "
-                "Convert it to adapter_model.safetensors with a trusted tool first.")
+                + SAFETENSORS_HINT)
         raise AdapterFormatError(f"no {WEIGHTS_NAME} in {folder.path}.")
     return config, load_safetensors_bytes(folder.read(WEIGHTS_NAME), folder.join(WEIGHTS_NAME))
 
 
 def load_safetensors_bytes(data: bytes, where: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
     """Parse safetensors bytes; a truncated or corrupt file raises AdapterFormatError naming it."""
+    check_safetensors(io.BytesIO(data), len(data), where)
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:

@@ -112,11 +112,3 @@ def rss_kb() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     except OSError:  # pragma: no cover - non-Linux
         return 0
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    """Plain-text table (the bench does not import peftray.cli: nothing does)."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])

@@ -163,7 +163,7 @@ def _run(cfg, tmp: Path, args) -> dict[str, Any]:
 
 
 def _api_latency(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
-    from peftray.service.process import start_service
+    from peftray.stack.control_plane import start_service
 
     idle = start_service(tmp / "load", {"PEFTRAY_SERVICE_MAX_RUNNING": "0"}, state_dir=cfg.state_dir)
     try:
@@ -177,7 +177,7 @@ def _api_latency(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
 
 def _first_step(cfg, tmp: Path, spec: dict[str, Any], repeats: int) -> dict[str, Any]:
     from peftray.service.client import ServiceClient
-    from peftray.service.process import start_service
+    from peftray.stack.control_plane import start_service
     from peftray.service.settings import ServiceSettings
 
     settings = ServiceSettings(config=cfg, db_url="sqlite://", run_scheduler=False)

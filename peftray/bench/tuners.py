@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from peftray.bench._tuners_setup import CLOCK, CLOCKS, table
+from peftray.bench._tuners_setup import CLOCK, CLOCKS
+from peftray.tables import table
 
 GOALS = {
     "train_tokens_per_s_vs_hf": 1.15, "train_loss_max_abs_diff": 1e-4, "decode_speedup_vs_hf": 2.0,

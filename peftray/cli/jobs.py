@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from peftray.cli.table import table
+from peftray.tables import table
 
 EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
 PROGRESS = "PEFTRAY_PROGRESS "
@@ -65,17 +65,12 @@ def _submit(args) -> int:
 
 
 def local_paths_absolute(spec: dict[str, Any]) -> None:
-    """Make relative paths that exist here absolute: the job's driver does not run in this folder.
-
-    Only `base_model.path` and `dataset.source`, and only when they name an existing local file or folder
-    (a hub id like `gpt2` or an `s3://` URI stays as written).
-    """
-    from pathlib import Path
+    """Pin `base_model.path` and `dataset.source` when they name local files: the job's driver runs elsewhere."""
+    from peftray.jobspec.load import pin_local_path
 
     for section, key in (("base_model", "path"), ("dataset", "source")):
-        value = (spec.get(section) or {}).get(key)
-        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute() and Path(value).exists():
-            spec[section][key] = str(Path(value).absolute())
+        if isinstance(spec.get(section), dict) and key in spec[section]:
+            spec[section][key] = pin_local_path(spec[section][key])
 
 
 def follow(client, job_id: str, quiet: bool = False, out=sys.stdout) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import json
 from datetime import datetime, timezone
 
-from peftray.cli.table import table
+from peftray.tables import table
 from peftray.endpoints import load_config
 from peftray.errors import ConfigError
 

@@ -30,7 +30,7 @@ def _deploy(args) -> int:
 
 
 def _status(args) -> int:
-    from peftray.cli.table import table
+    from peftray.tables import table
     from peftray.serve import status
 
     apps = status()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from peftray.cli.table import table
+from peftray.tables import table
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -24,12 +24,12 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _up(args) -> int:
-    from peftray.service import process
+    from peftray.stack import control_plane
 
     env = {k: str(v) for k, v in (("PEFTRAY_SERVICE_DB_URL", args.db_url),
                                   ("PEFTRAY_SERVICE_MAX_RUNNING", args.max_running),
                                   ("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", args.max_running_per_user)) if v is not None}
-    svc = process.up(args.state_dir, env)
+    svc = control_plane.up(args.state_dir, env)
     print(f"control plane at {svc.url} (pid {svc.proc.pid}, log {svc.proc.log})")
     print("the CLI finds it through the stack's state folder; elsewhere set PEFTRAY_SERVICE_URL and PEFTRAY_TOKEN")
     return 0
@@ -38,9 +38,9 @@ def _up(args) -> int:
 def _status(args) -> int:
     import httpx
 
-    from peftray.service import process
+    from peftray.stack import control_plane
 
-    svc = process.status(args.state_dir)
+    svc = control_plane.status(args.state_dir)
     if svc is None:
         print("the control plane is not running (start it with `peftray service up`)")
         return 3
@@ -56,9 +56,9 @@ def _status(args) -> int:
 
 
 def _down(args) -> int:
-    from peftray.service import process
+    from peftray.stack import control_plane
 
-    print("stopped the control plane" if process.down(args.state_dir) else "the control plane was not running")
+    print("stopped the control plane" if control_plane.down(args.state_dir) else "the control plane was not running")
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from peftray import stack
-from peftray.cli.table import table
+from peftray.tables import table
 from peftray.endpoints import default_state_dir
 
 
@@ -55,10 +55,6 @@ def _status(args) -> int:
 
 
 def _down(args) -> int:
-    from peftray.service import process
-
-    # The control plane runs on the stack; stop it first so it does not see its Ray head vanish.
-    service_stopped = process.down(_state_dir(args))
-    stopped = (["service"] if service_stopped else []) + stack.down(_state_dir(args))
+    stopped = stack.down(_state_dir(args))  # the control plane first, then the servers
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
     return 0

@@ -22,7 +22,7 @@ def _run(args) -> int:
     if args.check:
         print(spec.to_yaml(), end="")
         return 0
-    from peftray.cli.table import table
+    from peftray.tables import table
     from peftray.train import run_job
 
     result = run_job(spec, load_config(args.state_dir))

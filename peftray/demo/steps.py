@@ -18,10 +18,10 @@ UNIFORM_LOSS = math.log(512)
 
 def start_stack(opts) -> Config:
     from peftray import stack
-    from peftray.service import process
+    from peftray.stack import control_plane
 
     stack.up(stack.Options(state_dir=opts.state_dir), progress=lambda m: opts.out(f"      {m}"))
-    svc = process.up(opts.state_dir)
+    svc = control_plane.up(opts.state_dir)
     opts.out(f"      control plane at {svc.url}")
     return load_config(opts.state_dir)
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftray.errors import ConfigError
-from peftray.jobspec.schema import _METHOD_MODELS, _SLUG_HELP, METHODS, JobSpec
+from peftray.jobspec.schema import _SLUG_HELP, _SPEC_MODELS, METHODS, JobSpec
 
 
 def load_spec(path_or_text: str | Path | Mapping, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -35,6 +35,21 @@ def load_spec(path_or_text: str | Path | Mapping, overrides: list[str] | tuple[s
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+
+
+def pin_local_path(value: Any, roots: tuple[Path, ...] = ()) -> Any:
+    """`value` made absolute when it names a local file or folder that exists under one of `roots` (first match;
+    default: the working directory); anything else (a hub id like `gpt2`, an `s3://` URI, a non-string) as given.
+
+    Specs name local paths relative to where the user stands, but what reads them (the job's driver, a Serve
+    replica) runs elsewhere.
+    """
+    if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+        return value
+    for root in roots or (Path.cwd(),):
+        if (Path(root) / value).exists():
+            return str((Path(root) / value).resolve())
+    return value
 
 
 def _read(src: str | Path | Mapping) -> dict[str, Any]:
@@ -135,8 +150,8 @@ def _allowed_fields(loc: tuple) -> list[str]:
     i = 0
     while i < len(parts):
         if model is JobSpec and parts[i] == "adapter":
-            if i + 1 < len(parts) and parts[i + 1] in _METHOD_MODELS:
-                model, i = _METHOD_MODELS[parts[i + 1]], i + 2
+            if i + 1 < len(parts) and parts[i + 1] in _SPEC_MODELS:
+                model, i = _SPEC_MODELS[parts[i + 1]], i + 2
                 continue
             return ["method"]
         field = model.model_fields.get(parts[i])

@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from peftray.tuners.methods import method_for_spec, spec_models
+from peftray.tuners.tasks import TASKS
+
 SLUG = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # no dots or slashes: names become S3 prefixes and MLflow names
 _SLUG_HELP = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 63 characters"
 
@@ -32,105 +35,25 @@ class BaseModelSpec(_Strict):
         return v
 
 
-# ---- adapter methods: keys are HF PEFT's config fields --------------------------------------------------
-class _LoraFields(_Strict):
-    r: int = Field(8, gt=0, description="rank of the update")
-    lora_alpha: float = Field(8, gt=0, description="scaling numerator: scale = lora_alpha / r")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str | None = Field(
-        None, description="module names, 'all-linear', or a regex string; None = the model type's default")
-    exclude_modules: list[str] | str | None = None
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    init_lora_weights: bool | Literal["gaussian"] = True
-    modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: str | None = None
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
-    fan_in_fan_out: bool = False
+# ---- adapter methods and tasks: derived from the tuners' table, never listed here ----------------------------
+_SPEC_MODELS = spec_models()
+AdapterMethod = Annotated[Union[tuple(_SPEC_MODELS.values())], Field(discriminator="method")]
+METHODS = tuple(_SPEC_MODELS)
+PEFT_TYPES = {name: method_for_spec(name).peft_type for name in METHODS}
+TASK_TYPES = {name: task.task_type for name, task in TASKS.items()}
+# The spec models as the tuners define them, re-exported for callers that build spec sections in Python.
+LoraMethod, DoraMethod, IA3Method = _SPEC_MODELS["lora"], _SPEC_MODELS["dora"], _SPEC_MODELS["ia3"]
+PromptTuningMethod, PrefixTuningMethod = _SPEC_MODELS["prompt_tuning"], _SPEC_MODELS["prefix_tuning"]
+PTuningMethod = _SPEC_MODELS["p_tuning"]
 
 
-class LoraMethod(_LoraFields):
-    """LoRA (`method: lora`); `use_dora: true` turns it into DoRA."""
-
-    method: Literal["lora"] = "lora"
-    use_dora: bool = False
-
-
-class DoraMethod(_LoraFields):
-    """DoRA (`method: dora`): LoRA with a learned magnitude vector (HF PEFT: LoRA with use_dora=True)."""
-
-    method: Literal["dora"] = "dora"
-
-
-class IA3Method(_Strict):
-    """IA3 (`method: ia3`): learned rescaling vectors."""
-
-    method: Literal["ia3"] = "ia3"
-    target_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    modules_to_save: list[str] | None = None
-    init_ia3_weights: bool = True
-
-
-class PromptTuningMethod(_Strict):
-    """Prompt tuning (`method: prompt_tuning`): learned virtual-token embeddings."""
-
-    method: Literal["prompt_tuning"] = "prompt_tuning"
-    num_virtual_tokens: int = Field(8, gt=0)
-    prompt_tuning_init: Literal["RANDOM", "TEXT"] = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_init(self):
-        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
-            raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
-        return self
-
-
-class PrefixTuningMethod(_Strict):
-    """Prefix tuning (`method: prefix_tuning`): learned key/value prefixes in every layer."""
-
-    method: Literal["prefix_tuning"] = "prefix_tuning"
-    num_virtual_tokens: int = Field(8, gt=0)
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = Field(None, gt=0)
-
-
-class PTuningMethod(_Strict):
-    """P-tuning (`method: p_tuning`): virtual tokens produced by a small prompt encoder."""
-
-    method: Literal["p_tuning"] = "p_tuning"
-    num_virtual_tokens: int = Field(8, gt=0)
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
-    encoder_hidden_size: int | None = Field(None, gt=0)
-    encoder_num_layers: int = Field(2, gt=0)
-    encoder_dropout: float = Field(0.0, ge=0, lt=1)
-
-
-AdapterMethod = Annotated[
-    Union[LoraMethod, DoraMethod, IA3Method, PromptTuningMethod, PrefixTuningMethod, PTuningMethod],
-    Field(discriminator="method"),
-]
-METHODS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING",
-              "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
-
-
-def peft_config_kwargs(adapter: BaseModel, task: str) -> dict[str, Any]:
+def peft_config_kwargs(adapter: BaseModel, task: str, base_ref: str | None = None) -> dict[str, Any]:
     """The adapter section as keyword arguments of the matching HF-PEFT-style config class.
 
-    `dora` becomes LoRA with `use_dora=True`; `task_type` is filled in from the job's task.
+    The method's own section says how (`dora` becomes LoRA with `use_dora=True`); `task_type` is filled in
+    from the job's task.
     """
-    kwargs = adapter.model_dump(exclude={"method"}, exclude_none=True)
-    if adapter.method == "dora":
-        kwargs["use_dora"] = True
-    kwargs["task_type"] = TASK_TYPES[task]
-    return kwargs
+    return {**adapter.peft_kwargs(base_ref), "task_type": TASKS[task].task_type}
 
 
 # ---- data, training, resources, registry -----------------------------------------------------------------
@@ -243,7 +166,7 @@ class JobSpec(_Strict):
     name: str = Field(pattern=SLUG, description="job name; the same name resumes the same run")
     description: str | None = None
     base_model: BaseModelSpec
-    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    task: Literal[tuple(TASKS)] = "causal_lm"  # type: ignore[valid-type]
     adapter: AdapterMethod = Field(default_factory=LoraMethod)
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="quantize the frozen base (QLoRA)")
     dataset: DatasetSpec
@@ -263,14 +186,17 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.task == "seq_cls" and self.dataset.format != "classification":
-            raise ValueError(f"task seq_cls needs dataset.format 'classification', got '{self.dataset.format}'")
-        if self.task == "causal_lm" and self.dataset.format == "classification":
-            raise ValueError("dataset.format 'classification' needs task 'seq_cls'")
+        formats = TASKS[self.task].dataset_formats
+        if self.dataset.format not in formats:
+            needs = [name for name, task in TASKS.items() if self.dataset.format in task.dataset_formats]
+            which = f" (which needs task {' or '.join(needs)})" if needs else ""
+            raise ValueError(f"task {self.task} needs dataset.format {' or '.join(map(repr, formats))}, "
+                             f"got '{self.dataset.format}'{which}")
         if self.quantization and self.resources.use_tpu:
             raise ValueError("quantization (bitsandbytes) is not supported on TPU; remove `quantization`")
-        if self.quantization and self.adapter.method not in ("lora", "dora", "ia3"):
-            raise ValueError(f"quantization needs a weight adapter (lora, dora, ia3), got '{self.adapter.method}'")
+        if self.quantization and not method_for_spec(self.adapter.method).adapts_weights:
+            weight = [n for n in METHODS if method_for_spec(n).adapts_weights]
+            raise ValueError(f"quantization needs a weight adapter ({', '.join(weight)}), got '{self.adapter.method}'")
         return self
 
     @property
@@ -283,9 +209,9 @@ class JobSpec(_Strict):
         """The registered model name: `registry.model_name`, else the job name."""
         return self.registry.model_name or self.name
 
-    def peft_kwargs(self) -> dict[str, Any]:
+    def peft_kwargs(self, base_ref: str | None = None) -> dict[str, Any]:
         """Keyword arguments for the adapter's HF-PEFT-style config class (see `peft_config_kwargs`)."""
-        return peft_config_kwargs(self.adapter, self.task)
+        return peft_config_kwargs(self.adapter, self.task, base_ref)
 
     def to_flat_params(self) -> dict[str, str]:
         """The whole spec flattened to `{"training.learning_rate": "0.0002", ...}` (MLflow params)."""
@@ -304,7 +230,3 @@ def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
         return
     text = value if isinstance(value, str) else json.dumps(value)
     out[prefix] = text[:6000]  # MLflow's param value limit
-
-
-_METHOD_MODELS = {"lora": LoraMethod, "dora": DoraMethod, "ia3": IA3Method, "prompt_tuning": PromptTuningMethod,
-                  "prefix_tuning": PrefixTuningMethod, "p_tuning": PTuningMethod}

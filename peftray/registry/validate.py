@@ -1,26 +1,20 @@
 """Checks an adapter folder before it is registered, and reads what the registry records about it.
 
-Nothing here unpickles or imports torch: the safetensors header is parsed by hand (8-byte little-endian
-length, then JSON), which is enough to know the file is complete and names its tensors.
+Nothing here unpickles or imports torch: the format's names and checks are `peftray.adapters.format`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftray.adapters import format as adapter_format
+from peftray.adapters.format import CONFIG_NAME, SAFETENSORS_HINT, WEIGHTS_NAME, is_pickle
 from peftray.errors import AdapterFormatError
+from peftray.tuners.methods import method_entry
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_TYPES = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
-# Files that are (or may be) Python pickles: peftray never stores or loads them.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 20
 
 
@@ -60,11 +54,10 @@ def validate_adapter_dir(path: Path) -> AdapterInfo:
     rel = [p.relative_to(path).as_posix() for p in files]
     _refuse_pickles(path, rel)
     config = read_adapter_config(path, rel)
-    weights = path / WEIGHTS_FILE
+    weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterFormatError(
-            f"adapter folder {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}. "
-            "Save the adapter with safetensors (HF PEFT: save_pretrained(..., safe_serialization=True)).")
+            f"adapter folder {str(path)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}. " + SAFETENSORS_HINT)
     check_safetensors(weights)
     digests = {r: sha256_file(p) for r, p in zip(rel, files)}
     return AdapterInfo(
@@ -75,75 +68,48 @@ def validate_adapter_dir(path: Path) -> AdapterInfo:
 
 
 def _refuse_pickles(path: Path, rel: list[str]) -> None:
-    pickles = [r for r in rel if r.lower().endswith(PICKLE_SUFFIXES)]
+    pickles = [r for r in rel if is_pickle(r)]
     if not pickles:
         return
-    if WEIGHTS_FILE not in rel:
+    if WEIGHTS_NAME not in rel:
         raise AdapterFormatError(
             f"adapter folder {str(path)!r} holds only pickle weights ({', '.join(pickles)}); peftray refuses pickle "
-            "files because loading them can run arbitrary code. Re-save the adapter as safetensors "
-            "(HF PEFT: save_pretrained(dir, safe_serialization=True)).")
+            "files because loading them can run arbitrary code. " + SAFETENSORS_HINT)
     raise AdapterFormatError(
-        f"adapter folder {str(path)!r} contains pickle file(s) {', '.join(pickles)} next to {WEIGHTS_FILE}; "
+        f"adapter folder {str(path)!r} contains pickle file(s) {', '.join(pickles)} next to {WEIGHTS_NAME}; "
         "peftray never stores pickle files. Delete them and register again.")
 
 
 def read_adapter_config(path: Path, rel: list[str]) -> dict[str, Any]:
-    cfg_path = path / CONFIG_FILE
+    cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
-        nested = sorted({r.rsplit("/", 1)[0] for r in rel if r.endswith("/" + CONFIG_FILE)})
+        nested = sorted({r.rsplit("/", 1)[0] for r in rel if r.endswith("/" + CONFIG_NAME)})
         hint = (f" It has one in the subfolder(s) {', '.join(nested)}: register that subfolder instead "
                 "(HF PEFT saves a non-default adapter into <dir>/<adapter_name>/).") if nested else (
                 " Point at the folder written by save_pretrained().")
-        raise AdapterFormatError(f"adapter folder {str(path)!r} has no {CONFIG_FILE}.{hint}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}.")
-    peft_type = config.get("peft_type")
-    if peft_type not in PEFT_TYPES:
-        raise AdapterFormatError(
-            f"`peft_type` in {cfg_path} must be one of {sorted(PEFT_TYPES)}, got {peft_type!r}.")
+        raise AdapterFormatError(f"adapter folder {str(path)!r} has no {CONFIG_NAME}.{hint}")
+    config = adapter_format.parse_config(cfg_path.read_bytes(), str(cfg_path))
+    adapter_format.check_peft_type(config, str(cfg_path))
     return config
 
 
 def check_safetensors(path: Path) -> list[str]:
     """Parse the safetensors header; return the tensor names. Raises AdapterFormatError if truncated/corrupt."""
-    size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise AdapterFormatError(f"{path} is not a safetensors file (only {size} bytes).")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise AdapterFormatError(
-                f"{path} is not a readable safetensors file (header length {n} does not fit a {size}-byte file). "
-                "It may be a pickle renamed to .safetensors, or truncated: re-save it with safetensors.")
-        try:
-            header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdapterFormatError(f"{path} has a corrupt safetensors header: {exc}") from exc
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    if 8 + n + end > size:
-        raise AdapterFormatError(f"{path} is truncated: tensors need {8 + n + end} bytes, the file has {size}.")
-    if not tensors:
-        raise AdapterFormatError(f"{path} holds no tensors.")
-    return sorted(tensors)
+        return adapter_format.check_safetensors(fh, path.stat().st_size, str(path))
 
 
 def method_of(config: dict[str, Any]) -> str:
-    peft_type = config["peft_type"]
-    if peft_type == "LORA" and config.get("use_dora"):
-        return "dora"
-    return peft_type.lower()
+    """The job-spec method name an adapter config stands for (`dora` for LoRA with use_dora), from the table."""
+    for spec in method_entry(config["peft_type"]).specs:
+        if spec.describes(config):
+            return spec.model_fields["method"].default
+    return str(config["peft_type"]).lower()
 
 
 def rank_of(config: dict[str, Any]) -> int | None:
-    r = config.get("r") if config["peft_type"] == "LORA" else None
-    return int(r) if isinstance(r, (int, float)) else None
+    r = config.get("r")
+    return int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else None
 
 
 def targets_of(config: dict[str, Any]) -> list[str]:

@@ -108,7 +108,7 @@ class GenerationEngine:
 
     # --- adapters (called by AdapterSlots) --------------------------------------------------------
     def add_lora(self, internal: str, config, state: dict) -> None:
-        from peftray.peft_model import PeftModel
+        from peftray.task_models import PeftModel
 
         with self._model_lock:
             if self.peft is None:

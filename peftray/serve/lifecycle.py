@@ -8,18 +8,18 @@ The URL and API key are recorded in the local stack's state file (`serve_url`, `
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from peftray.endpoints import STATE_FILE, Config, load_config, read_state
+from peftray.endpoints import Config, load_config
 from peftray.errors import PeftrayError, StackError
 from peftray.serve.serve_spec import ServeConfig, load_serve_config
+from peftray.stack.procs import free_port
+from peftray.stack.state import update_state
 
 
 @dataclass
@@ -33,12 +33,6 @@ class Deployment:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connect(cfg: Config) -> None:
@@ -111,16 +105,12 @@ def _wait_running(name: str, wait_s: float) -> None:
 
 def _record(cfg: Config, dep: Deployment) -> None:
     """Remember the URL and key in the stack's state file (when there is a local stack)."""
-    path = Path(cfg.state_dir) / STATE_FILE
-    state = read_state(cfg.state_dir)
-    if not state:
-        return
-    state.setdefault("endpoints", {}).update(serve_url=dep.url, serve_api_key=dep.api_key)
-    state.setdefault("serve", {})[dep.name] = dep.to_dict()
-    tmp = path.with_suffix(".serve.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+
+    def change(state: dict[str, Any]) -> None:
+        state.setdefault("endpoints", {}).update(serve_url=dep.url, serve_api_key=dep.api_key)
+        state.setdefault("serve", {})[dep.name] = dep.to_dict()
+
+    update_state(cfg.state_dir, change)
 
 
 def status(config: Optional[Config] = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peftray.errors import ConfigError
+from peftray.jobspec.load import pin_local_path
 
 
 class Autoscaling(BaseModel):
@@ -87,13 +88,8 @@ def load_serve_config(source: str | Path | dict, overrides: dict | None = None) 
             raise ConfigError(f"cannot read serve spec {where}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}.")
-        base = data.get("base_model")
-        if isinstance(base, str) and not Path(base).is_absolute():
-            # a folder next to the spec, else one relative to the working directory, else a hub id
-            for root in (Path(source).parent, Path.cwd()):
-                if (root / base).exists():
-                    data["base_model"] = str((root / base).resolve())
-                    break
+        if "base_model" in data:  # a folder next to the spec, else one relative to the working directory
+            data["base_model"] = pin_local_path(data["base_model"], (Path(source).parent, Path.cwd()))
     data.update(overrides or {})
     try:
         return ServeConfig.model_validate(data)

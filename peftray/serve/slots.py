@@ -22,6 +22,7 @@ import torch
 from peftray.adapters import io as adapter_io
 from peftray.errors import AdapterFormatError, PeftrayError
 from peftray.tuners.config import PeftType, TaskType, fill_from_model_config
+from peftray.tuners.prompt_learning import prefix_key_values
 
 
 class OverloadedError(PeftrayError):
@@ -181,10 +182,8 @@ def prompt_tensors(config, state: dict, model_config, dtype: torch.dtype, device
             raise AdapterFormatError(f"`prompt_embeddings` has shape {tuple(emb.shape)} but the base model's hidden "
                                      f"size is {hidden}: the adapter was made for another base model.")
         return "prompt", emb
-    heads = config.num_attention_heads
     want = config.num_layers * 2 * config.token_dim
     if emb.dim() != 2 or emb.shape != (n, want):
         raise AdapterFormatError(f"`prompt_embeddings` has shape {tuple(emb.shape)} but this base model needs "
                                  f"{(n, want)}: the adapter was made for another base model.")
-    kv = emb.reshape(1, n, config.num_layers * 2, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
-    return "prefix", [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+    return "prefix", prefix_key_values(emb.unsqueeze(0), config)

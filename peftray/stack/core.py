@@ -6,9 +6,6 @@ server's data and logs. Data survives `down`, so a second `up` finds the same ru
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import secrets
 import time
@@ -17,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftray.endpoints import STATE_FILE, Config, load_config, read_state
+from peftray.endpoints import Config, load_config, read_state
 from peftray.errors import StackError
-from peftray.stack import procs, servers
+from peftray.stack import control_plane, procs, servers
 from peftray.stack.procs import Proc
 from peftray.stack.servers import Options
+from peftray.stack.state import locked, update_state
 
 ORDER = ("s3", "mlflow", "ray")
 PORT_NAMES = (
@@ -45,25 +43,6 @@ class StackStatus:
     def stale(self) -> bool:
         """Recorded processes of which at least one is gone: a crashed or killed stack."""
         return bool(self.procs) and not self.running
-
-
-@contextlib.contextmanager
-def _locked(state_dir: Path):
-    """One `up`/`down` at a time per state folder."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _write_state(state_dir: Path, data: dict) -> None:
-    tmp = state_dir / (STATE_FILE + ".tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, state_dir / STATE_FILE)  # atomic: readers see the old or the new file, never half
 
 
 def status(state_dir: str | Path | None = None) -> StackStatus:
@@ -121,7 +100,7 @@ def _verify_ownership(started: dict[str, Proc], must_listen: dict[str, list[int]
 def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> StackStatus:
     """Start the stack (or do nothing if ours is already running) and return its status once healthy."""
     sdir = opts.state_dir = Path(opts.state_dir).absolute()
-    with _locked(sdir):
+    with locked(sdir):
         st = status(sdir)
         if st.running:
             progress(f"stack already running (state in {sdir})")
@@ -171,13 +150,14 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
             "ray_dashboard_url": dashboard,
             "ray_auth_token_path": str(token_path),
         }
-        _write_state(sdir, {
+        fresh = {
             "endpoints": endpoints,
             "procs": {n: p.to_json() for n, p in started.items()},
             "options": {"db_url": opts.db_url, "ray_num_cpus": opts.ray_num_cpus},
             "started_at": time.time(),
             "startup_seconds": round(time.monotonic() - t0, 1),
-        })
+        }
+        update_state(sdir, lambda data: (data.clear(), data.update(fresh)), create=True)
         progress(f"stack up in {time.monotonic() - t0:.1f}s")
         return status(sdir)
 
@@ -191,18 +171,13 @@ def _stop_all(st: StackStatus) -> list[str]:
 
 
 def down(state_dir: str | Path | None = None) -> list[str]:
-    """Stop exactly the processes this stack started. Returns the names of those that were running."""
+    """Stop exactly the processes this stack started, the control plane first (it runs on this stack, and
+    should not see its Ray head vanish). Returns the names of those that were running ("service", ...)."""
     sdir = load_config(state_dir).state_dir
-    from peftray.service import process as control_plane  # runs on this stack: stop it first (own lock)
-
     stopped = ["service"] if control_plane.down(sdir) else []
-    with _locked(sdir):
-        st = status(sdir)
-        stopped += _stop_all(st)
-        data = read_state(sdir)
-        if data:
-            data["procs"] = {}
-            _write_state(sdir, data)
+    with locked(sdir):
+        stopped += _stop_all(status(sdir))
+        update_state(sdir, lambda data: data.update(procs={}))
         return stopped
 
 

@@ -29,6 +29,7 @@ from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
 from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
 from peftray.train.schedule import make_optimizer, make_scheduler
+from peftray.tuners.tasks import TASKS
 
 CRASH_ENV = "PEFTRAY_TEST_CRASH_AT_STEP"  # test-only: rank PEFTRAY_TEST_CRASH_RANK (1) exits at this step
 
@@ -172,7 +173,7 @@ def _autocast(spec: JobSpec, device: torch.device):
 def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
     """One optimizer step: this rank's micro-batches, token-weighted loss, clip, step, schedule."""
     began = time.perf_counter()
-    classification = job.spec.task == "seq_cls"
+    classification = TASKS[job.spec.task].classification
     batches = [collate([job.data.train[i] for i in idx], job.pad_id) for idx in job.plan.micro_batches(step, ctx.rank)]
     local_targets = sum(_targets(b, classification) for b in batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -221,7 +222,7 @@ def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(job: Job, ctx: LoopContext) -> dict[str, float]:
     """Eval loss (token-weighted) over all eval rows, split across ranks; perplexity or accuracy."""
-    classification = job.spec.task == "seq_cls"
+    classification = TASKS[job.spec.task].classification
     job.model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     for chunk in eval_batches(job.data.eval, job.spec.training.batch_size, ctx.rank, ctx.world_size):

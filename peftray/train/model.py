@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from peftray.errors import ConfigError
 from peftray.jobspec import JobSpec
+from peftray.tuners.methods import method_for_spec
+from peftray.tuners.tasks import TASKS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,14 +57,12 @@ def load_base(spec: JobSpec, path: str, tokenizer, label_names: list[str] | None
     if spec.quantization:
         kwargs["quantization_config"] = _bnb_config(spec.quantization, dtype)
         kwargs["device_map"] = {"": device}
-    if spec.task == "seq_cls":
+    task = TASKS[spec.task]
+    if task.classification:
         names = label_names or []
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)})
-        cls = transformers.AutoModelForSequenceClassification
-    else:
-        cls = transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(path, **kwargs)
+    model = getattr(transformers, task.auto_model).from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.training.gradient_checkpointing:
@@ -83,21 +82,17 @@ def _bnb_config(kind: str, compute_dtype: torch.dtype):
 
 def wrap(spec: JobSpec, model, base_ref: str):
     """Wrap the base with the spec's adapter through peftray.tuners; only adapter weights stay trainable."""
-    import peftray
+    from peftray.task_models import get_peft_model
 
-    config_cls = {"lora": "LoraConfig", "dora": "LoraConfig", "ia3": "IA3Config",
-                  "prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig",
-                  "p_tuning": "PromptEncoderConfig"}[spec.method]
-    kwargs = spec.peft_kwargs()
+    config_cls = method_for_spec(spec.method).config_cls
+    kwargs = spec.peft_kwargs(base_ref)
     kwargs["base_model_name_or_path"] = base_ref
     if spec.base_model.revision:
         kwargs["revision"] = spec.base_model.revision
-    if spec.method == "prompt_tuning" and kwargs.get("prompt_tuning_init") == "TEXT":
-        kwargs["tokenizer_name_or_path"] = base_ref
     if spec.quantization:
         _prepare_quantized(model)
     torch.manual_seed(spec.training.seed)  # every rank builds the same initial adapter
-    peft_model = peftray.get_peft_model(model, getattr(peftray, config_cls)(**kwargs))
+    peft_model = get_peft_model(model, config_cls(**kwargs))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"`adapter` ({spec.method}) matched no module of {base_ref}; check adapter.target_modules")

@@ -74,15 +74,26 @@ def prefix_cache(encoder: nn.Module, config: Any, batch_size: int, dtype: torch.
     else:
         tokens = torch.arange(n, device=encoder.embedding.weight.device).unsqueeze(0).expand(batch_size, -1)
         flat = encoder(tokens)
+    return DynamicCache(prefix_key_values(flat.to(dtype), config))
+
+
+def prefix_key_values(flat: torch.Tensor, config: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key, value), each [batch, kv heads, virtual tokens, head_dim], from the prefix encoder's output
+    [batch, virtual tokens, num_layers * 2 * token_dim] (PEFT's layout: layer-major, key before value)."""
+    batch, n = flat.shape[:2]
     heads = config.num_attention_heads
-    kv = flat.to(dtype).reshape(batch_size, n, config.num_layers * 2, heads, config.token_dim // heads)
-    per_layer = kv.permute(2, 0, 3, 1, 4).split(2)  # num_layers x [2, batch, heads, tokens, head_dim]
-    return DynamicCache([(layer[0], layer[1]) for layer in per_layer])
+    kv = flat.reshape(batch, n, config.num_layers * 2, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
 
 
 def cache_kwarg(model: nn.Module) -> str:
-    """Name of the forward argument that takes a KV cache: `cache` in transformers 5, `past_key_values` before."""
-    params = inspect.signature(model.forward).parameters
+    """Name of the forward argument that takes a KV cache: `cache` in transformers 5, `past_key_values` before.
+
+    Asked of the inner transformer (`model.base_model`): a task head such as BERT's sequence classifier takes
+    only `**kwargs` and hands them on, and `past_key_values` is deprecated there (removed in transformers 5.40).
+    """
+    inner = getattr(model, "base_model", model)
+    params = inspect.signature(inner.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

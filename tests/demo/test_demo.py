@@ -21,7 +21,7 @@ UNIFORM_LOSS = math.log(512)  # the tiny model's vocabulary
 def demo(stack, tiny_model):
     from peftray.demo import DemoOptions, run
     from peftray.serve import down as serve_down
-    from peftray.service import process
+    from peftray.stack import control_plane
 
     lines: list[str] = []
     opts = DemoOptions(state_dir=stack.state_dir, repo_dir=ROOT, model_dir=tiny_model,
@@ -34,7 +34,7 @@ def demo(stack, tiny_model):
             serve_down("demo", stack)
         except Exception:  # noqa: BLE001 - the app is absent when the demo failed before serving
             pass
-        process.down(stack.state_dir)
+        control_plane.down(stack.state_dir)
         os.environ.clear()
         os.environ.update(saved)
 

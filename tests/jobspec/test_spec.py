@@ -101,3 +101,15 @@ def test_load_from_mapping_and_flat_params():
     assert flat["registry.tags.team"] == "ml" and flat["adapter.r"] == "8"
     assert flat["adapter.method"] == "lora" and all(isinstance(v, str) for v in flat.values())
     assert load_spec(spec.to_yaml()) == spec
+
+
+def test_local_paths_are_pinned_where_they_exist_and_nothing_else_is(tmp_path, monkeypatch):
+    from peftray.jobspec.load import pin_local_path
+
+    (tmp_path / "spec_dir" / "model").mkdir(parents=True)
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert pin_local_path("data.jsonl") == str(tmp_path / "data.jsonl")
+    assert pin_local_path("model", (tmp_path / "spec_dir", tmp_path)) == str(tmp_path / "spec_dir" / "model")
+    for untouched in ("gpt2", "org/model", "s3://bucket/model", "/abs/elsewhere", 5, None):
+        assert pin_local_path(untouched) == untouched

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftray.service.process import ServiceProc, start_service
+from peftray.stack.control_plane import ServiceProc, start_service
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = REPO / "jobs" / "data" / "tiny_instruct.jsonl"

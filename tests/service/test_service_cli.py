@@ -23,17 +23,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_service_up_status_down_and_job_cli(stack, tiny_model, tmp_path):
-    from peftray.service import process
+    from peftray.stack import control_plane
 
     up = _cli("service", "up", "--max-running", "0")
     assert up.returncode == 0, up.stderr
-    svc = process.status(stack.state_dir)
+    svc = control_plane.status(stack.state_dir)
     try:
         cfg = load_config(stack.state_dir)
         assert cfg.service_url == svc.url and cfg.service_token == svc.admin_token
         assert svc.url.startswith("http://127.0.0.1:") and svc.proc.ports["service"] in procs.listening_ports(svc.proc)
-        assert oct((stack.state_dir / process.SERVICE_FILE).stat().st_mode & 0o777) == "0o600"
-        assert _cli("service", "up").returncode == 0 and process.status(stack.state_dir).proc.pid == svc.proc.pid
+        assert oct((stack.state_dir / control_plane.SERVICE_FILE).stat().st_mode & 0o777) == "0o600"
+        assert _cli("service", "up").returncode == 0 and control_plane.status(stack.state_dir).proc.pid == svc.proc.pid
         assert _cli("service", "status").returncode == 0
         spec = tmp_path / "job.yaml"
         spec.write_text(yaml.safe_dump(tiny_spec("cli-job", tiny_model)))

@@ -18,7 +18,7 @@ import pytest
 
 from peftray import stack as local_stack
 from peftray.errors import StackError
-from peftray.stack import procs
+from peftray.stack import control_plane, procs
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
@@ -43,10 +43,13 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PEFTRAY_", "MLFLOW_", "RAY_"))}
+
+
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PEFTRAY_", "MLFLOW_", "RAY_"))}
     return subprocess.run([sys.executable, "-m", "peftray", "--state-dir", str(state_dir), "stack", *args],
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=240, env=_env())
 
 
 def test_up_twice_status_down_twice_leaves_no_process(tmp_path):
@@ -68,8 +71,17 @@ def test_up_twice_status_down_twice_leaves_no_process(tmp_path):
     for name in ("s3", "mlflow", "ray"):
         assert name in status.stdout
 
+    # `stack down` stops the control plane running on the stack too, before the servers.
+    svc = subprocess.run([sys.executable, "-m", "peftray", "--state-dir", str(sdir), "service", "up"],
+                         capture_output=True, text=True, timeout=240, env=_env())
+    assert svc.returncode == 0, svc.stderr
+    service = control_plane.status(sdir)
+    assert service is not None and service.alive
+    pids |= {service.proc.pid}
+
     down = _cli(sdir, "down")
     assert down.returncode == 0, down.stderr
+    assert "service" in down.stdout
     deadline = time.monotonic() + 15
     while _alive(pids) and time.monotonic() < deadline:
         time.sleep(0.5)

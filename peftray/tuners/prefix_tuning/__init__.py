@@ -1,9 +1,11 @@
 """Prefix tuning: deep prompts (key/value prefixes) on every layer."""
 
 from peftray.tuners.prefix_tuning.config import PrefixTuningConfig
-from peftray.tuners.prefix_tuning.model import PrefixEncoder
-from peftray.tuners.methods import register_peft_method
+from peftray.tuners.prefix_tuning.spec import PrefixTuningMethod
+from peftray.tuners.methods import lazy_attributes, register_peft_method
 
-register_peft_method("PREFIX_TUNING", PrefixTuningConfig, PrefixEncoder)
+register_peft_method("PREFIX_TUNING", PrefixTuningConfig, "peftray.tuners.prefix_tuning.model:PrefixEncoder",
+                     specs=(PrefixTuningMethod,))
+__getattr__ = lazy_attributes(__name__, PrefixEncoder="peftray.tuners.prefix_tuning.model")  # the tuner imports torch
 
-__all__ = ["PrefixEncoder", "PrefixTuningConfig"]
+__all__ = ["PrefixEncoder", "PrefixTuningConfig", "PrefixTuningMethod"]

@@ -1,4 +1,5 @@
-"""`peftray service up | status | down`: the control plane as a child process of the local stack.
+"""`peftray service up | status | down`: the control plane (`python -m peftray.service`) as a child process
+of the local stack; starting and stopping it is stack work, so it lives here, and `peftray stack down` stops it.
 
 Started like the stack's servers (`peftray.stack.procs`): its own session, a free port on 127.0.0.1, pid and
 start time recorded, the port verified to be served by our own process. `<state dir>/service.json` (mode 0600)
@@ -8,8 +9,6 @@ file, so `load_config()` (and so the CLI) finds the service without any environm
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -24,6 +23,7 @@ from peftray.endpoints import load_config, read_state
 from peftray.errors import StackError
 from peftray.stack import procs
 from peftray.stack.procs import Proc
+from peftray.stack.state import locked, update_state, write_private
 
 SERVICE_FILE = "service.json"
 # What the service process must not inherit from whoever runs `service up` (a user's own token, say).
@@ -45,24 +45,6 @@ class ServiceProc:
 
     def stop(self) -> bool:
         return procs.stop(self.proc)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path, name: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / name, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _write_private(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def read_service(service_dir: Path) -> ServiceProc | None:
@@ -108,25 +90,22 @@ def start_service(service_dir: Path, settings_env: dict[str, str] | None = None,
         procs.stop(proc)
         raise
     svc = ServiceProc(proc, url, token, service_dir)
-    _write_private(service_dir / SERVICE_FILE, {"proc": proc.to_json(), "url": url, "admin_token": token})
+    write_private(service_dir / SERVICE_FILE, {"proc": proc.to_json(), "url": url, "admin_token": token})
     return svc
 
 
 def _publish(state_dir: Path, url: str | None, token: str | None) -> None:
-    """Write (or clear) service_url/service_token in the stack's state file, under the stack's lock."""
-    from peftray.stack import core
+    """Write (or clear) service_url/service_token in the stack's state file (when there is one)."""
 
-    with core._locked(state_dir):
-        data = read_state(state_dir)
-        if not data:
-            return
+    def change(data: dict[str, Any]) -> None:
         endpoints = data.setdefault("endpoints", {})
         for key, value in (("service_url", url), ("service_token", token)):
             if value:
                 endpoints[key] = value
             else:
                 endpoints.pop(key, None)
-        core._write_state(state_dir, data)
+
+    update_state(state_dir, change)
 
 
 def up(state_dir: str | Path | None = None, settings_env: dict[str, str] | None = None) -> ServiceProc:
@@ -134,7 +113,7 @@ def up(state_dir: str | Path | None = None, settings_env: dict[str, str] | None 
     sdir = load_config(state_dir).state_dir
     if not read_state(sdir).get("procs"):
         raise StackError(f"no local stack is running in {sdir}: run `peftray stack up` first")
-    with _locked(sdir, ".service.lock"):
+    with locked(sdir, ".service.lock"):
         old = read_service(sdir)
         if old and old.alive:
             return old
@@ -150,7 +129,7 @@ def status(state_dir: str | Path | None = None) -> ServiceProc | None:
 def down(state_dir: str | Path | None = None) -> bool:
     """Stop the local control plane if it runs. Jobs keep running on Ray; the next `up` reconciles them."""
     sdir = load_config(state_dir).state_dir
-    with _locked(sdir, ".service.lock"):
+    with locked(sdir, ".service.lock"):
         svc = read_service(sdir)
         stopped = bool(svc and svc.stop())
         _publish(sdir, None, None)

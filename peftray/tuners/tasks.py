@@ -1,0 +1,43 @@
+"""THE table of tasks a job can train: the job spec's `task` -> PEFT task type, transformers head, data formats.
+
+The job spec's `task` choices and the trainer's model head derive from it; a new task (image classification,
+say) is one `register_task(...)` here plus its data format and, where its loss differs, the trainer's step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task.
+
+    Attributes:
+        name: the job spec's `task` value, e.g. "causal_lm".
+        task_type: PEFT's `task_type` (`TaskType` value) its adapters are saved with.
+        auto_model: the transformers Auto class that loads its base model with the right head.
+        dataset_formats: the `dataset.format`s whose rows it trains on.
+        classification: rows carry one class label each (the head is sized from the label names; the eval
+            reports accuracy) rather than next-token labels.
+    """
+
+    name: str
+    task_type: str
+    auto_model: str
+    dataset_formats: tuple[str, ...]
+    classification: bool = False
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> None:
+    if task.name in TASKS and TASKS[task.name] != task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+
+
+register_task(Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", ("text", "instruction", "chat")))
+register_task(Task("seq_cls", "SEQ_CLS", "AutoModelForSequenceClassification", ("classification",),
+                   classification=True))
