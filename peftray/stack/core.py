@@ -114,6 +114,10 @@ def _verify_ownership(started: dict[str, Proc], must_listen: dict[str, list[int]
     """
     deadline = time.monotonic() + timeout
     while True:
+        for name in must_listen:
+            if procs.process_of(started[name]) is None:  # e.g. `ray start` timed out, leaving its servers behind
+                raise StackError(f"{name} exited during start-up. Last lines of {started[name].log}:\n"
+                                 f"{procs.log_tail(started[name])}")
         foreign = {name: [p for p in ports if p not in procs.listening_ports(started[name])]
                    for name, ports in must_listen.items()}
         name = next((n for n, ports in foreign.items() if ports), None)
