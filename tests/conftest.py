@@ -63,20 +63,17 @@ def stack(tmp_path_factory):
 
 
 def _up_with_retries(local_stack, opts, tries: int = 3) -> None:
-    """`stack.up`, tried again on fresh ports when it failed for reasons of a shared, busy machine: another
-    program took a chosen port before our server bound it (up to `tries` times), or a server did not come up in
-    time (once more). `up` stops what it started before it raises; the last error is reported as it is."""
+    """`stack.up`, tried again (on fresh ports) when it failed for reasons of a shared, busy machine: another
+    program took a chosen port before our server bound it, or `ray start` gave up waiting for its own raylet
+    (Ray allows it 30 s). `up` fails fast and stops what it started before it raises; the last error is reported."""
     from peftray.errors import StackError
 
-    slow_tries = 0
     for attempt in range(1, tries + 1):
         try:
             local_stack.up(opts)
             return
-        except StackError as exc:
-            port_race = any(s in str(exc) for s in ("Another program took", "already in use"))
-            slow_tries += not port_race
-            if attempt == tries or slow_tries > 1:
+        except StackError:
+            if attempt == tries:
                 raise
 
 
