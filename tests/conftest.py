@@ -41,7 +41,7 @@ def stack(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("stack")
     opts = local_stack.Options(state_dir=state_dir, ray_num_cpus=int(os.environ.get("PEFTRAY_TEST_RAY_CPUS", "8")),
                                ray_object_store_mb=512)
-    local_stack.up(opts)
+    _up_with_retries(local_stack, opts)
     saved = dict(os.environ)
     os.environ["PEFTRAY_STATE_DIR"] = str(state_dir)
     os.environ["PEFTRAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
@@ -60,6 +60,21 @@ def stack(tmp_path_factory):
         shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _up_with_retries(local_stack, opts, tries: int = 3) -> None:
+    """`stack.up`, tried again (on fresh ports) when it failed for reasons of a shared, busy machine: another
+    program took a chosen port before our server bound it, or `ray start` gave up waiting for its own raylet
+    (Ray allows it 30 s). `up` fails fast and stops what it started before it raises; the last error is reported."""
+    from peftray.errors import StackError
+
+    for attempt in range(1, tries + 1):
+        try:
+            local_stack.up(opts)
+            return
+        except StackError:
+            if attempt == tries:
+                raise
 
 
 def _shutdown_ray_client() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -85,16 +85,30 @@ def _choose_ports(opts: Options) -> dict[str, int]:
     return ports
 
 
-def _verify_ownership(started: dict[str, Proc], must_listen: dict[str, list[int]]) -> None:
-    """Each port we hand out must be served by our own process tree, not by whoever got there first."""
-    for name, ports in must_listen.items():
-        mine = procs.listening_ports(started[name])
-        foreign = [p for p in ports if p not in mine]
-        if foreign:
+def _verify_ownership(started: dict[str, Proc], must_listen: dict[str, list[int]], timeout: float = 30.0) -> None:
+    """Each port we hand out must be served by our own process tree, not by whoever got there first.
+
+    Looked at again for a while before giving up: on a busy machine a scan of a process's sockets can miss one
+    while the process forks (Ray's dashboard starts its modules then), which is no proof of a foreign owner.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in must_listen:
+            if procs.process_of(started[name]) is None:  # e.g. `ray start` timed out, leaving its servers behind
+                raise StackError(f"{name} exited during start-up. Last lines of {started[name].log}:\n"
+                                 f"{procs.log_tail(started[name])}")
+        foreign = {name: [p for p in ports if p not in procs.listening_ports(started[name])]
+                   for name, ports in must_listen.items()}
+        name = next((n for n, ports in foreign.items() if ports), None)
+        if name is None:
+            return
+        if time.monotonic() > deadline:
             raise StackError(
-                f"{name}: port(s) {foreign} answer, but not from the process we started (pid {started[name].pid}). "
-                "Another program took them; run `peftray stack up` again to pick new ports."
+                f"{name}: port(s) {foreign[name]} answer, but not from the process we started "
+                f"(pid {started[name].pid}). Another program took them; run `peftray stack up` again to pick new "
+                "ports."
             )
+        time.sleep(0.5)
 
 
 def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> StackStatus:
@@ -129,14 +143,19 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
             started["s3"] = servers.start_weed(opts, creds, ports)
             started["mlflow"] = servers.start_mlflow(opts, endpoint, creds, bucket, ports["mlflow"])
             started["ray"] = servers.start_ray(opts, {k: ports[k] for k in servers.RAY_PORT_NAMES}, token_path, ray_env)
-            with ThreadPoolExecutor(3) as pool:
+            pool = ThreadPoolExecutor(3)
+            try:
                 futures = [
                     pool.submit(servers.wait_weed, started["s3"], endpoint, creds, bucket),
                     pool.submit(servers.wait_mlflow, started["mlflow"], mlflow_url),
                     pool.submit(servers.wait_ray, started["ray"], dashboard, token_path),
                 ]
-                for fut in futures:
+                # The first failure is raised at once (a dead Ray head is not reported only after MLflow's long
+                # wait); the other waits end when the except below stops their servers.
+                for fut in as_completed(futures):
                     fut.result()
+            finally:
+                pool.shutdown(wait=False)
             _verify_ownership(started, {"s3": [ports["s3"]], "mlflow": [ports["mlflow"]],
                                         "ray": [ports["ray_gcs"], ports["ray_dashboard"]]})
         except BaseException:

@@ -142,10 +142,27 @@ def wait_until(proc: Proc, check: Callable[[], bool], what: str, timeout: float)
         time.sleep(0.3)
 
 
+def _kill_group_of_dead_leader(proc: Proc) -> None:
+    """A server that died unreaped (a zombie child of ours) can leave its process group running: `ray start` that
+    timed out on a busy machine leaves its GCS and dashboard behind. Its pid cannot be reused while it is a zombie,
+    so its group is still ours to kill."""
+    try:
+        p = psutil.Process(proc.pid)
+        ours = p.status() == psutil.STATUS_ZOMBIE and abs(p.create_time() - proc.create_time) <= 1.0
+    except psutil.Error:
+        return
+    if ours:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def stop(proc: Proc, timeout: float = 8.0) -> bool:
     """Stop our process and every descendant it has: SIGTERM, then SIGKILL what remains. True if it was running."""
     p = process_of(proc)
     if p is None:
+        _kill_group_of_dead_leader(proc)
         return False
     victims = tree(p)
     try:

@@ -51,7 +51,8 @@ def _bin(name: str) -> str:
     return found
 
 
-def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
+def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> bool:
+    # 10 s per try: on a loaded machine a server that is up can take seconds to answer, and 2 s tries could all fail.
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own loopback URL
         return 200 <= resp.status < 300
@@ -163,8 +164,9 @@ def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: st
 
 
 def wait_mlflow(proc: Proc, url: str) -> None:
-    # 300 s: on a loaded 2-core machine the two uvicorn workers alone have been seen to take ~90 s to import.
-    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=300)
+    # 600 s: on a loaded 2-core machine the two uvicorn workers alone have been seen to take ~90 s to import,
+    # and over 5 minutes with several test sessions beside them (load average 40).
+    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=600)
 
 
 # ---------------------------------------------------------------- Ray head

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,6 @@ from peftray.train import checkpoint
 from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
 from peftray.train.schedule import make_optimizer, make_scheduler
 from peftray.tuners.tasks import TASKS
-
-CRASH_ENV = "PEFTRAY_TEST_CRASH_AT_STEP"  # test-only: rank PEFTRAY_TEST_CRASH_RANK (1) exits at this step
-
 
 @dataclass
 class LoopContext:
@@ -92,7 +88,6 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     metrics: dict[str, float] = {}
     seconds = tokens = 0.0  # this attempt's training time and tokens, for the final throughput
     for step in range(start, job.total):
-        _maybe_crash(spec, ctx, step)
         metrics = train_step(job, ctx, step)
         seconds += metrics["step_seconds"]
         tokens += metrics["tokens_per_s"] * metrics["step_seconds"]
@@ -113,20 +108,6 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     ctx.log({k: v for k, v in final.items() if k.startswith("eval_")}, job.total)  # step metrics are logged
     ctx.report(final, _save(job, ctx, job.total, final))
     return final
-
-
-def _maybe_crash(spec: JobSpec, ctx: LoopContext, step: int) -> None:
-    """Test hook: rank PEFTRAY_TEST_CRASH_RANK (1) dies at step PEFTRAY_TEST_CRASH_AT_STEP, once per job name."""
-    if step != int(os.environ.get(CRASH_ENV, "-1")) or ctx.rank != int(os.environ.get("PEFTRAY_TEST_CRASH_RANK", "1")):
-        return
-    marker = Path(tempfile.gettempdir()) / f"peftray-test-crashed-{spec.name}"
-    if marker.exists():
-        return
-    marker.touch()
-    # Ray Train's controller records a reported checkpoint when it next polls the workers (every 2 s); die after
-    # that, so the test sees a worker lost *after* a checkpoint was registered, as in a real mid-run failure.
-    time.sleep(6)
-    os._exit(17)
 
 
 def _resume(job: Job, ctx: LoopContext) -> int:

@@ -104,7 +104,6 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
     from peftray.train.worker import train_loop_per_worker
 
     env = cfg.env()
-    env.update({k: v for k, v in os.environ.items() if k.startswith("PEFTRAY_TEST_")})
     run_config = RunConfig(
         name=spec.name, storage_path=storage or f"{cfg.bucket}/train", storage_filesystem=storage_filesystem(cfg),
         failure_config=FailureConfig(max_failures=spec.training.max_failures),

@@ -70,3 +70,23 @@ def test_cli_refuses_a_negative_size(tmp_path):
     done = subprocess.run([sys.executable, "-m", "peftray", "--state-dir", str(tmp_path / "s"), "registry",
                            "prune-cache", "--max-gb", "-1"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "--max-gb must be >= 0" in done.stderr
+
+
+def test_cli_prunes_the_configured_cache(tmp_path):
+    """`peftray registry prune-cache` works on the cache PEFTRAY_CACHE_DIR names: oldest out, recent kept."""
+    import json
+
+    cache = AdapterCache(tmp_path / "cache")
+    shared = b"{}"
+    _, f_old = _adapter(cache, tmp_path, 1, shared, age_s=3000)
+    _, f_mid = _adapter(cache, tmp_path, 2, shared, age_s=2000)
+    _, f_new = _adapter(cache, tmp_path, 3, shared, age_s=5)
+    env = {**os.environ, "PEFTRAY_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "peftray", "--state-dir", str(tmp_path / "s"), "registry",
+                           "prune-cache", "--max-gb", str(1.5 * MB / 1e9), "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["removed"] == [f_old.name, f_mid.name] and out["bytes_after"] == MB + len(shared)
+    assert not f_old.exists() and not f_mid.exists() and f_new.is_dir()
+    assert cache.size_bytes() == MB + len(shared)

@@ -19,10 +19,14 @@ WORKER = textwrap.dedent("""
     name, version, alias, barrier, me = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), sys.argv[5]
     cfg = load_config()
     import mlflow, boto3  # noqa: F401 - imported before the barrier so both start promoting together
-    (barrier / me).touch()
-    while len(list(barrier.iterdir())) < 2:
-        time.sleep(0.005)
-    for i in range({rounds}):
+
+    def barrier_wait(step):
+        (barrier / f"{{step}}-{{me}}").touch()
+        while len(list(barrier.glob(f"{{step}}-*"))) < 2:
+            time.sleep(0.005)
+
+    for i in range({rounds}):  # lock-step rounds: each round's two promotions start together, so they overlap
+        barrier_wait(i)
         promote(name, version, alias, actor=me, reason=f"round {{i}}", config=cfg)
 """).format(rounds=ROUNDS)
 
@@ -42,6 +46,11 @@ def test_concurrent_promotions_end_on_one_version_with_both_audited(cfg, lora_di
     log = R.audit_log(unique_name, "production", cfg)
     # Every promotion of both processes is in the log, in one gap-free sequence.
     assert [e["seq"] for e in log] == list(range(1, 2 * ROUNDS + 1))
+    # The rounds ran in lock step: each pair of entries is one round, one promotion of each process.
+    for i in range(ROUNDS):
+        pair = log[2 * i:2 * i + 2]
+        assert sorted(e["actor"] for e in pair) == ["proc-a", "proc-b"], pair
+        assert {e["reason"] for e in pair} == {f"round {i}"}, pair
     assert sorted((e["actor"], e["version"]) for e in log) == sorted(
         [("proc-a", v1)] * ROUNDS + [("proc-b", v2)] * ROUNDS)
     # Each entry's from_version is the holder the previous entry left: no promotion judged a stale holder.

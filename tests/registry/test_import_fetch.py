@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -90,11 +91,15 @@ def test_cached_copy_needs_no_network_and_a_tampered_cache_heals(cfg, lora_dir, 
     src = lora_dir(seed=4)
     av = R.register_adapter(src, unique_name, config=cfg)
     first = R.fetch(f"{unique_name}/{av.version}", cfg)
-    dead_port = _closed_port()
-    dead = dataclasses.replace(cfg, s3_endpoint_url=f"http://127.0.0.1:{dead_port}",
-                               mlflow_tracking_uri=f"http://127.0.0.1:{dead_port}")
-    assert R.fetch(f"{unique_name}/{av.version}", dead) == first  # resolves and reads from the cache only
-    assert R.fetch(av, dead) == first
+    # Read-only: the files are hard links to blobs that other versions with the same bytes share.
+    assert sorted(p.name for p in first.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in first.iterdir()}
+    assert all(int(m, 8) & 0o222 == 0 for m in modes.values()), modes
+    with _closed_port() as dead_port:
+        dead = dataclasses.replace(cfg, s3_endpoint_url=f"http://127.0.0.1:{dead_port}",
+                                   mlflow_tracking_uri=f"http://127.0.0.1:{dead_port}")
+        assert R.fetch(f"{unique_name}/{av.version}", dead) == first  # resolves and reads from the cache only
+        assert R.fetch(av, dead) == first
     assert {p.name: _sha(p) for p in first.iterdir()} == av.files
     # Someone edits the cached weights: the cache notices before use, evicts and downloads again.
     blob = cfg.cache_dir / "registry" / "blobs" / av.files["adapter_model.safetensors"][:2] / av.files[
@@ -105,11 +110,13 @@ def test_cached_copy_needs_no_network_and_a_tampered_cache_heals(cfg, lora_dir, 
     assert _sha(healed / "adapter_model.safetensors") == av.files["adapter_model.safetensors"]
 
 
-def _closed_port() -> int:
-    """A loopback port nobody listens on (bound then released; connecting to it is refused)."""
+@contextlib.contextmanager
+def _closed_port():
+    """A loopback port nobody listens on, held for the whole block: bound without `listen()`, so a connection is
+    refused and no other process can take the port meanwhile (a bind-then-release port could be reused)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with socket.socket() as s, pytest.raises(OSError):
-        s.connect(("127.0.0.1", port))
-    return port
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.connect(("127.0.0.1", port))
+        yield port

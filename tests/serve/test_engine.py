@@ -26,6 +26,15 @@ def adapters(tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every engine here runs torch on one thread, as a Serve replica does; the next test gets its setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     from transformers import AutoTokenizer
@@ -36,8 +45,14 @@ def tok(tiny_model):
 def _engine(tiny_model, tok, **kw) -> GenerationEngine:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
     return GenerationEngine(AutoModelForCausalLM.from_pretrained(tiny_model), tok, **kw)
+
+
+def _wait_until(cond, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.05)
 
 
 def _run_concurrently(engine, jobs):
@@ -143,7 +158,6 @@ def test_loading_an_adapter_while_a_row_finishes_does_not_deadlock(tiny_model, t
 
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
     engine = SlowLoad(AutoModelForCausalLM.from_pretrained(tiny_model), tok)
     try:
         ids = tok.encode(PROMPTS[1])
@@ -170,12 +184,11 @@ def test_stall_detector_sees_a_stuck_step_and_clears_when_it_moves(tiny_model, t
     try:
         ids = tok.encode(PROMPTS[0])
         engine.generate(ids, GREEDY)
-        assert engine.stalled_for() == 0.0  # idle
+        _wait_until(lambda: engine.stalled_for() == 0.0, "idle (the loop ends its step after the answer is out)")
         done = threading.Event()
         with engine._model_lock:  # the next step cannot run: what a hung step looks like from outside
             engine.submit(ids, GREEDY, None, lambda ev: ev.finished and done.set())
-            time.sleep(0.6)
-            assert engine.stalled_for() >= 0.5
+            _wait_until(lambda: engine.stalled_for() >= 0.5, "the stall seen (work waiting, no step for 0.5 s)")
         assert done.wait(30)
         assert engine.stalled_for() < 0.5
     finally:
@@ -185,22 +198,30 @@ def test_stall_detector_sees_a_stuck_step_and_clears_when_it_moves(tiny_model, t
 def test_a_request_cancelled_during_its_adapter_load_leaves_no_pin(tiny_model, tok, adapters):
     import asyncio
 
-    class SlowLoad(GenerationEngine):
+    started, release = threading.Event(), threading.Event()
+
+    class HeldLoad(GenerationEngine):
         def add_lora(self, internal, config, state):
-            time.sleep(0.5)
+            started.set()
+            assert release.wait(60), "the test never let the load finish"  # held until the request is cancelled
             super().add_lora(internal, config, state)
 
     from transformers import AutoModelForCausalLM
 
-    engine = SlowLoad(AutoModelForCausalLM.from_pretrained(tiny_model), tok, max_adapters=1)
+    engine = HeldLoad(AutoModelForCausalLM.from_pretrained(tiny_model), tok, max_adapters=1)
     try:
         async def cancelled_mid_load():
             task = asyncio.ensure_future(engine.slots.acquire_async("lora0", adapters["lora0"]))
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(started.wait, 60)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            await asyncio.sleep(1.0)  # the load finishes in its thread meanwhile
+            release.set()
+            # The load finishes in its thread; its pin is dropped by a callback on this loop, so keep it running.
+            deadline = time.monotonic() + 60
+            while _pins(engine, "lora0") != 0:
+                assert time.monotonic() < deadline, f"lora0 still pinned: {_pins(engine, 'lora0')}"
+                await asyncio.sleep(0.05)
 
         asyncio.run(cancelled_mid_load())
         assert engine.slots.keys() == ["lora0"]
@@ -208,4 +229,11 @@ def test_a_request_cancelled_during_its_adapter_load_leaves_no_pin(tiny_model, t
         assert engine.slots.acquire("lora1", adapters["lora1"]).key == "lora1"
         assert engine.slots.keys() == ["lora1"]
     finally:
+        release.set()
         engine.close()
+
+
+def _pins(engine, key: str) -> int | None:
+    """Pins of a loaded adapter; None while it is not loaded."""
+    slot = engine.slots._slots.get(key)  # noqa: SLF001 - the pin count is the state under test
+    return None if slot is None else slot.pins

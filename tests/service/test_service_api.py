@@ -7,6 +7,9 @@ training; the lifecycle of real jobs on Ray is in test_service_lifecycle.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -177,3 +180,72 @@ def test_oversized_body_without_length_is_refused(queued_service, users):
                    headers={"Authorization": f"Bearer {queued_service.admin_token}"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     assert _total_jobs(users["admin"]) == before
+
+
+def test_whoami_names_the_caller(users):
+    assert users["alice"].request("GET", "/v1/whoami") == {"user": "alice", "is_admin": False}
+    assert users["bob"].request("GET", "/v1/whoami") == {"user": "bob", "is_admin": False}
+    assert users["admin"].request("GET", "/v1/whoami")["is_admin"] is True
+
+
+def _cli(svc, token: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PEFTRAY_SERVICE_URL": svc.url, "PEFTRAY_TOKEN": token}
+    return subprocess.Popen([sys.executable, "-m", "peftray", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_follows_until_cancel_submit_exits_3_and_events_resume_after(queued_service, users, tiny_model,
+                                                                         tmp_path):
+    """`peftray submit` (following), `jobs events -f` and `jobs logs -f` all wait on a queued job and end when it is
+    cancelled; submit exits with 3; `?after=SEQ` resumes the event stream after SEQ."""
+    alice = users["alice"]
+    token = alice.http.headers["authorization"].split()[1]
+    name = f"cli-cancel-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_spec(name, tiny_model)))
+    submit = _cli(queued_service, token, "submit", str(tmp_path / "job.yaml"))
+    assert submit.stdout.readline().startswith("submitted job ")  # then it follows the queued job
+    job_id = alice.list(name=name)["jobs"][0]["id"]
+    events = _cli(queued_service, token, "jobs", "events", "-f", job_id)
+    first = json.loads(events.stdout.readline())  # streamed while the job waits in the queue
+    assert first["state"] == "queued"
+    logs = _cli(queued_service, token, "jobs", "logs", "-f", job_id)
+    alice.cancel(job_id)
+    outs = {k: p.communicate(timeout=120)[0] for k, p in (("submit", submit), ("events", events), ("logs", logs))}
+    assert submit.returncode == 3, outs["submit"]
+    assert "cancelled" in outs["submit"]
+    assert events.returncode == 0 and logs.returncode == 0, outs
+    rest = [json.loads(line) for line in outs["events"].splitlines() if line.strip()]
+    assert [e["state"] for e in [first, *rest]] == ["queued", "cancelled"]
+    assert outs["logs"] == ""  # never reached Ray
+    after = list(alice.events(job_id, after=first["seq"]))
+    assert [e["seq"] for e in after] == [e["seq"] for e in rest] and all(e["seq"] > first["seq"] for e in after)
+    assert list(alice.events(job_id, after=rest[-1]["seq"])) == []
+
+
+def test_rest_promote_and_rollback_move_the_alias_and_only_for_the_owner(stack, users, tiny_model, tmp_path):
+    """Admin promotes v1 then v2 over REST; rollback moves the alias back to v1; a user who owns nothing is refused."""
+    import peftray
+    from peftray import registry
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = f"rb-{uuid.uuid4().hex[:8]}"
+    versions = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        cfg = peftray.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], init_lora_weights=False)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        peftray.get_peft_model(base, cfg).save_pretrained(tmp_path / str(seed))
+        versions.append(registry.register_adapter(tmp_path / str(seed), name, config=stack).version)
+    v1, v2 = versions
+    admin = users["admin"]
+    admin.promote(name, v1, "production", reason="first")
+    admin.promote(name, v2, "production", reason="second")
+    assert registry.resolve(f"{name}@production", stack).version == v2
+    with pytest.raises(ForbiddenError):
+        users["bob"].rollback(name, "production", reason="not mine")
+    assert registry.resolve(f"{name}@production", stack).version == v2
+    admin.rollback(name, "production", reason="regression")
+    assert registry.resolve(f"{name}@production", stack).version == v1
+    last = registry.audit_log(name, "production", stack)[-1]
+    assert (last["action"], last["version"], last["reason"]) == ("rollback", v1, "regression")

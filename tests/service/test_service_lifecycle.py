@@ -16,6 +16,7 @@ import pytest
 import yaml
 from svc_helpers import launch, tiny_spec
 
+from peftray.cli.jobs import PROGRESS
 from peftray.errors import ForbiddenError, NotFoundError
 from peftray.service.client import ServiceClient
 from peftray.stack import procs
@@ -95,13 +96,18 @@ def test_cli_jobs_succeed_and_fail_one_at_a_time_per_user(stack, ray_service, cl
     bad = tiny_spec(f"{unique_name}-bad", tiny_model, dataset={"source": str(tmp_path / "no-such-data.jsonl")})
     token = alice.http.headers["authorization"].split()[1]
     ok_cli = _cli_submit(good, tmp_path / "ok.yaml", svc, token)
-    time.sleep(1.0)  # submit order decides queue order
+    ok_id = _job_id_of(alice, good["name"])  # stored before the second is sent: submit order decides queue order
     bad_cli = _cli_submit(bad, tmp_path / "bad.yaml", svc, token)
-    ok_id, bad_id = _job_id_of(alice, good["name"]), _job_id_of(alice, bad["name"])
+    bad_id = _job_id_of(alice, bad["name"])
+    env = {**os.environ, "PEFTRAY_SERVICE_URL": svc.url, "PEFTRAY_TOKEN": token}
+    logs_cli = subprocess.Popen([sys.executable, "-m", "peftray", "jobs", "logs", "-f", ok_id], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while (ok := alice.get(ok_id))["state"] not in TERMINAL:  # alice may run one job at a time
         assert alice.get(bad_id)["state"] == "queued"
         time.sleep(0.5)
     ok_out = ok_cli.communicate(timeout=240)[0]
+    logs_out = logs_cli.communicate(timeout=240)[0]  # `jobs logs -f` streamed the run and ended with the job
+    assert logs_cli.returncode == 0 and PROGRESS in logs_out, logs_out[-2000:]
     assert ok_cli.returncode == 0, ok_out
     assert "succeeded" in ok_out and f"version {ok['model_version']}" in ok_out
     assert [t["state"] for t in ok["transitions"]] == ["queued", "starting", "running", "succeeded"]

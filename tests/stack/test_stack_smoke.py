@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 
@@ -99,6 +101,23 @@ def test_servers_listen_on_loopback_only_where_we_choose(stack):
         "http://127.0.0.1:")
     assert st.procs["s3"].ports["s3"] in procs.listening_ports(st.procs["s3"])
     assert st.procs["mlflow"].ports["mlflow"] in procs.listening_ports(st.procs["mlflow"])
+    # Every listening TCP socket of every server and its descendants (Ray's GCS, raylet, dashboard, agents,
+    # workers included) is bound to a loopback address: none on 0.0.0.0, ::, or the machine's own IP.
+    exposed, seen = [], 0
+    for name in ("s3", "mlflow", "ray"):
+        for proc in procs.tree(procs.process_of(st.procs[name])):
+            try:
+                conns = proc.net_connections(kind="tcp")
+                cmd = " ".join(proc.cmdline())[:80]
+            except psutil.Error:
+                continue  # came and went (a Ray worker)
+            for c in conns:
+                if c.status == psutil.CONN_LISTEN:
+                    seen += 1
+                    if not ipaddress.ip_address(c.laddr.ip).is_loopback:
+                        exposed.append((name, cmd, f"{c.laddr.ip}:{c.laddr.port}"))
+    assert exposed == [], exposed
+    assert seen >= len(st.procs["ray"].ports) + 2, seen  # the sockets were really looked at
 
 
 @pytest.mark.parametrize("mode", [0o600])

@@ -5,7 +5,13 @@ One 2-worker job is shared by several checks (module fixture) to keep the suite 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import math
+import os
+import re
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -100,26 +106,97 @@ def test_two_workers_match_one_worker_with_double_batch(two_worker_job, stack, t
     torch.testing.assert_close(torch.tensor(local_curve), torch.tensor(ray_curve), rtol=0, atol=2e-3)
 
 
-def test_worker_crash_resumes_from_checkpoint_and_registers_once(stack, ray_session, tiny_model, unique_name,
-                                                                 monkeypatch):
+def _our_train_workers(ray_session) -> list:
+    """Alive Ray Train worker actors of this driver's job (the controller this process started creates them)."""
+    from ray.util.state import list_actors
+
+    job_id = ray_session.get_runtime_context().get_job_id()
+    return [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                   detail=True, raise_on_missing_output=False)
+            if a.job_id == job_id and a.pid]
+
+
+def _checkpoint_steps(stack, name: str) -> list[int]:
+    fs = stack.s3fs()
+    fs.invalidate_cache()
+    try:
+        found = fs.ls(f"{stack.bucket}/train/{name}", detail=False)
+    except FileNotFoundError:
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+    return sorted(int(m.group(1)) for m in map(re.compile(r"checkpoint_(\d+)").fullmatch, names) if m)
+
+
+def _kill_a_worker_after_checkpoints(stack, ray_session, name: str, job_over: threading.Event) -> int:
+    """SIGKILL one training worker from outside (as the OOM killer would) once a checkpoint is surely registered.
+
+    A worker's report uploads its checkpoint, then waits until Ray Train's controller took the previous report:
+    so when the checkpoint of step 6 is in S3, the one of step 2 is registered, whatever the machine's load.
+    """
+    deadline = time.monotonic() + 300
+    while not any(step >= 6 for step in _checkpoint_steps(stack, name)):
+        assert not job_over.is_set(), "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no checkpoint of step 6 appeared"
+        time.sleep(0.2)
+    workers = _our_train_workers(ray_session)
+    assert len(workers) == 2, workers
+    victim = max(workers, key=lambda a: a.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    return victim.pid
+
+
+def test_worker_killed_from_outside_resumes_from_checkpoint_and_registers_once(stack, ray_session, tiny_model,
+                                                                               unique_name):
     from peftray.registry import list_versions
     from peftray.train import run_job
 
-    spec = _tiny_spec(tiny_model, unique_name, "training.max_steps=6", "training.checkpoint_every=2",
+    total = 16  # reports every 2 steps wait for the controller's poll: the run outlasts the kill by far
+    spec = _tiny_spec(tiny_model, unique_name, f"training.max_steps={total}", "training.checkpoint_every=2",
                       "training.eval_every=null")
-    monkeypatch.setenv("PEFTRAY_TEST_CRASH_AT_STEP", "3")  # rank 1 os._exit()s before its 4th step
-    result = run_job(spec, stack)
-    monkeypatch.delenv("PEFTRAY_TEST_CRASH_AT_STEP")
+    job_over = threading.Event()
+    with cf.ThreadPoolExecutor(1) as pool:  # Ray Train's fit() stays in the main thread; the killer beside it
+        killer = pool.submit(_kill_a_worker_after_checkpoints, stack, ray_session, spec.name, job_over)
+        try:
+            result = run_job(spec, stack)
+        finally:
+            job_over.set()
+        killer.result(timeout=60)  # a worker was killed mid-run (or this says why not)
     client = _client(stack)
     resumed = [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")]
-    assert resumed == [2.0]  # restarted from the step-2 checkpoint, not from step 0
-    assert result.metrics["step"] == 6.0
+    # restarted once, from a registered checkpoint (step 2 or later), not from step 0
+    assert len(resumed) == 1 and 2 <= resumed[0] < total and resumed[0] % 2 == 0, resumed
+    assert result.metrics["step"] == float(total)
     assert [v.version for v in list_versions(spec.model_name, config=stack)] == [result.version]
 
     again = run_job(spec, stack)  # the same job name again: resumes from its final checkpoint, registers nothing new
-    resumed = sorted(m.value for m in client.get_metric_history(result.run_id, "resumed_from_step"))
-    assert again.run_id == result.run_id and again.version == result.version and resumed == [2.0, 6.0]
+    resumed_again = sorted(m.value for m in client.get_metric_history(result.run_id, "resumed_from_step"))
+    assert again.run_id == result.run_id and again.version == result.version
+    assert resumed_again == sorted([resumed[0], float(total)])
     assert [v.version for v in list_versions(spec.model_name, config=stack)] == [result.version]
+
+
+def test_qlora_spec_trains_on_ray_and_a_refused_spec_gate_leaves_the_job_succeeded(stack, ray_session, tiny_model,
+                                                                                     unique_name):
+    """jobs/tiny-qlora.yaml (`quantization: 4bit`) trains on Ray Train workers, not only under `--check`; its spec
+    gate cannot pass (eval_loss <= 0), so the version is registered, the alias stays unset, the refusal is reported
+    and audited, and the job itself succeeds."""
+    from peftray.registry import audit_log, list_versions
+    from peftray.train import run_job
+
+    spec = load_spec("jobs/tiny-qlora.yaml", [
+        f"base_model.path={tiny_model}", f"name={unique_name}", f"registry.model_name={unique_name}",
+        "training.max_steps=4", "training.eval_every=null", "dataset.eval_fraction=0.2", "resources.num_workers=1",
+        "registry.promote={alias: production, gate: {metric: eval_loss, mode: min, threshold: 0.0}}"])
+    assert spec.quantization == "4bit"
+    result = run_job(spec, stack)  # returns: the job succeeds although its promotion was refused
+    assert result.metrics["step"] == 4.0 and math.isfinite(result.metrics["eval_loss"])
+    assert result.promoted_alias is None and "eval_loss" in (result.promotion_error or "")
+    versions = list_versions(unique_name, config=stack)
+    assert [(v.version, v.aliases) for v in versions] == [(result.version, [])]
+    assert versions[0].method == "qlora" and versions[0].tags["hp.quantization"] == "4bit"
+    assert [e["action"] for e in audit_log(unique_name, "production", stack)] == ["refused"]
+    run = _client(stack).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
 
 
 def test_minilm_seq_cls_learns_the_shipped_reviews(stack, ray_session, minilm_model, unique_name):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401 - a hard import: a missing dependency fails CI instead of skipping
 import peft
 import pytest
 import torch
 
 import peftray
+import peftray.ops  # noqa: F401 - the mixed-batch kernels; a hard import, as above
 from tuner_helpers import llama_inputs, logits
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,7 +64,6 @@ def test_several_adapters_set_delete_and_repeated_load(llama, tmp_path):
 
 
 def test_mixed_adapter_batch_matches_single_adapters_and_peft(llama, tmp_path):
-    pytest.importorskip("peftray.ops")
     inputs = llama_inputs()
     ids = torch.cat([inputs["input_ids"]] * 2)
     names = ["a", "__base__", "b", "a"]
@@ -184,7 +185,6 @@ def test_causal_lm_loss_is_fused_with_the_same_loss_and_gradients(llama):
 
 def test_qlora_on_4bit_base_matches_peft(tiny_model):
     """LoRA on bitsandbytes Linear4bit layers (NF4, CPU): same outputs as PEFT, merge dequantises."""
-    pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     def load():
@@ -212,7 +212,6 @@ def test_qlora_on_4bit_base_matches_peft(tiny_model):
 
 def test_mixed_batch_with_dora_and_embedding_adapters_matches_per_row(llama, tmp_path):
     """DoRA and embedding LoRA take the per-segment path in mixed batches; rows still equal single-adapter runs."""
-    pytest.importorskip("peftray.ops")
     kinds = {"dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
              "emb": dict(target_modules=["embed_tokens", "o_proj"]),
              "plain": dict(target_modules=["q_proj", "down_proj"], r=8)}
