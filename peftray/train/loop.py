@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from peftray.data import BatchPlan, PreparedData, collate, eval_batches, prepare_data, total_steps
+from peftray.data import BatchPlan, PreparedData, eval_batches, prepare_data, total_steps
 from peftray.errors import ConfigError
 from peftray.jobspec import JobSpec
 from peftray.train import checkpoint

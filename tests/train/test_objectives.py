@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing
 
 import pytest
@@ -10,10 +11,25 @@ import torch
 from peftray.jobspec import TrainingSpec, load_spec
 from peftray.train import checkpoint
 from peftray.train.local import run_local
-from peftray.train.loop import train
+from peftray.train.loop import LoopContext, train
 from peftray.train.objectives import OBJECTIVES
 
-from tests.train.test_loop_units import _ctx
+
+
+def _ctx(history: list, checkpoints: dict, resume=None, logged: list | None = None) -> LoopContext:
+    """A plain-process runner: step metrics into `history`, checkpoints by step, everything logged into `logged`."""
+    def report(metrics, folder):
+        if folder is not None:
+            checkpoints[int(metrics["step"])] = folder
+
+    def log(metrics, step):
+        if logged is not None:
+            logged.append(metrics)
+        if "loss" in metrics:
+            history.append({**metrics, "step": step})
+
+    return LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=report, log=log,
+                       resume_from=lambda: contextlib.nullcontext(resume))
 
 
 def test_spec_objective_choices_are_the_tables_keys():
@@ -43,19 +59,19 @@ def test_resume_with_a_precomputed_reference_reuses_the_stored_table(tiny_model,
     """4 steps straight == 2 steps, checkpoint, resumed: the reference comes from the checkpoint, not recomputed."""
     spec = _dpo(tiny_model, "training.reference=precomputed", "adapter.lora_dropout=0.1")
     straight, ckpts = [], {}
+    first: list[dict] = []
     logged: list[dict] = []
-    ctx = _ctx(straight, ckpts)
+    ctx = _ctx(straight, ckpts, logged=first)
     ctx.workdir = tmp_path
     train(spec, ctx)
+    assert any("reference_seconds" in m for m in first)  # the first attempt computes the table
     stored = checkpoint.load_reference(ckpts[2])
     assert stored is not None and stored.shape == (40, 2)  # 32 train + 8 eval pairs
 
     torch.manual_seed(1234)  # another RNG state: the checkpoint restores the dropout RNG
     resumed = []
-    ctx2 = _ctx(resumed, {}, resume=ckpts[2])
+    ctx2 = _ctx(resumed, {}, resume=ckpts[2], logged=logged)
     ctx2.workdir = tmp_path
-    inner = ctx2.log
-    ctx2.log = lambda metrics, step: (logged.append(metrics), inner(metrics, step))
     train(spec, ctx2)
     assert not any("reference_seconds" in m for m in logged)  # no second reference pass
     assert [m["loss"] for m in resumed[:2]] == pytest.approx([m["loss"] for m in straight[2:4]], rel=1e-6)
