@@ -101,7 +101,7 @@ def test_a_missing_column_names_the_field(tiny_model, tmp_path):
     ("training.loss_type=kto", "training.loss_type"),
     ("training.reference=copy", "training.reference"),
     ("training.objective=nope", "training.objective"),
-    ("dataset.max_prompt_len=64", "max_prompt_len` \\(64\\) must be below"),
+    ("dataset.max_prompt_len=96", "max_prompt_len` \\(96\\) must be below"),
 ])
 def test_bad_preference_specs_are_refused_naming_the_field(override, needle):
     with pytest.raises((ConfigError, ValidationError), match=needle):
