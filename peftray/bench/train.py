@@ -93,13 +93,33 @@ def _print(r: dict[str, Any]) -> None:
           f"tokens/s 2 workers / 1 worker = {r['tokens_per_s_2_over_1_workers']:.2f}x")
 
 
+def _dpo(args) -> int:
+    from peftray.base_models import make_tiny_llama
+    from peftray.bench import _train_preference as pref
+
+    with tempfile.TemporaryDirectory(prefix="peftray-bench-dpo-") as tmp:
+        model = make_tiny_llama(Path(tmp) / "tiny-llama")
+        result = pref.run(model, Path(tmp), args.steps, args.batch_size, args.max_seq_len, args.reps)
+    pref.report(result)
+    out = Path(args.out if args.out != "bench-results/train.json" else "bench-results/train-dpo.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftray bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per worker per step")
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--out", default="bench-results/train.json")
+    parser.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                        help="dpo: peftray's DPO step against TRL's DPOTrainer step (no stack needed)")
+    parser.add_argument("--reps", type=int, default=5, help="dpo: alternating repetitions of the arms")
     args = parser.parse_args(argv)
+    if args.objective == "dpo":
+        return _dpo(args)
     from peftray.bench.common import local_stack
 
     with local_stack("peftray-bench-train-") as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-train-") as tmp:

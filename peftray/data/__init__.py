@@ -11,9 +11,11 @@ from typing import Any
 
 from peftray.data.batches import BatchPlan, collate, eval_batches, total_steps
 from peftray.data.formats import IGNORE, check_columns, encode_rows, label_names
+from peftray.data.preference import Skipped, encode_preferences
+from peftray.errors import ConfigError
 from peftray.data.sources import SourceRows, load_rows, split_eval
 
-__all__ = ["IGNORE", "BatchPlan", "PreparedData", "SourceRows", "collate", "eval_batches", "load_rows",
+__all__ = ["IGNORE", "BatchPlan", "PreparedData", "Skipped", "SourceRows", "collate", "eval_batches", "load_rows",
            "prepare_data", "split_eval", "total_steps"]
 
 
@@ -25,6 +27,7 @@ class PreparedData:
     eval: list[dict[str, Any]]
     fingerprint: str
     label_names: list[str] | None = None
+    skipped: Skipped | None = None  # preference pairs left out (identical, truncated to nothing)
 
     @property
     def train_tokens(self) -> int:
@@ -46,6 +49,13 @@ def prepare_data(spec, tokenizer, config=None) -> PreparedData:
     ds = spec.dataset
     rows = load_rows(ds, config, seed=spec.training.seed)
     check_columns(rows.train, ds, rows.columns)
+    if ds.format == "preference":
+        skipped = Skipped()
+        train = encode_preferences(rows.train, ds, tokenizer, rows.train_rows, skipped)
+        evals = encode_preferences(rows.eval, ds, tokenizer, rows.eval_rows, skipped)
+        if not train:
+            raise ConfigError(f"{skipped.describe(ds.source)}: no preference pair is left to train on")
+        return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint, skipped=skipped)
     names = label_names(rows.train + rows.eval, ds) if ds.format == "classification" else None
     train = encode_rows(rows.train, ds, tokenizer, names, rows.train_rows)
     evals = encode_rows(rows.eval, ds, tokenizer, names, rows.eval_rows)

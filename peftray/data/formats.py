@@ -26,6 +26,8 @@ def check_columns(rows: list[dict], ds: DatasetSpec, columns: list[str]) -> None
         "instruction": [("prompt_field", ds.prompt_field), ("response_field", ds.response_field)],
         "chat": [("messages_field", ds.messages_field)],
         "classification": [("text_field", ds.text_field), ("label_field", ds.label_field)],
+        "preference": [("prompt_field", ds.prompt_field), ("chosen_field", ds.chosen_field),
+                       ("rejected_field", ds.rejected_field)],
     }[ds.format]
     for field, column in need:
         if column not in columns:

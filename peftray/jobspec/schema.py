@@ -61,7 +61,7 @@ class DatasetSpec(_Strict):
     """Where the rows come from and how they become token ids and labels."""
 
     source: str = Field(description="local .json/.jsonl/.csv/.parquet file, s3:// URI, or hub dataset id")
-    format: Literal["text", "instruction", "chat", "classification"]
+    format: Literal["text", "instruction", "chat", "classification", "preference"]
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="split to train on (hub datasets; local files have only 'train')")
     eval_split: str | None = Field(None, description="split to evaluate on; else eval_fraction of the rows")
@@ -71,15 +71,23 @@ class DatasetSpec(_Strict):
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    chosen_field: str = Field("chosen", description="preference: the preferred completion (string or messages)")
+    rejected_field: str = Field("rejected", description="preference: the dispreferred completion")
     label_field: str = "label"
     labels: list[str] | None = Field(None, description="class names in label-id order (classification)")
     max_seq_len: int = Field(512, gt=0)
+    max_prompt_len: int | None = Field(
+        None, gt=0, description="preference: a prompt is cut to its last N tokens when prompt + completion is longer "
+                                "than max_seq_len (TRL's max_prompt_length); then the completions are cut")
     packing: bool = Field(False, description="concatenate text rows into max_seq_len blocks (format text)")
 
     @model_validator(mode="after")
     def _packing_text_only(self):
         if self.packing and self.format != "text":
             raise ValueError(f"packing applies to format 'text' only, got format '{self.format}'")
+        if self.max_prompt_len is not None and self.max_prompt_len >= self.max_seq_len:
+            raise ValueError(f"`dataset.max_prompt_len` ({self.max_prompt_len}) must be below `dataset.max_seq_len` "
+                             f"({self.max_seq_len}), or no completion token would fit")
         return self
 
 
@@ -101,12 +109,39 @@ class TrainingSpec(_Strict):
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the end)")
     checkpoint_every: int = Field(50, gt=0, description="checkpoint every N steps (and always at the end)")
     max_failures: int = Field(2, ge=0, description="worker failures survived by resuming from a checkpoint")
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="what the loss learns: sft (demonstrations), dpo or orpo (preference pairs); the names "
+                           "are those of peftray.train.objectives.OBJECTIVES (a test keeps them equal)")
+    beta: float | None = Field(None, description="dpo: the KL strength (default 0.1); orpo: the odds-ratio weight "
+                                                 "(default 0.1)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: the loss on the reward margin")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed flipped "
+                                                                   "(conservative DPO)")
+    reference: Literal["adapter_disabled", "precomputed"] = Field(
+        "adapter_disabled", description="dpo: the reference policy is the base with the adapter switched off, "
+                                        "run every step (adapter_disabled) or once before training (precomputed)")
 
     @model_validator(mode="after")
     def _epochs_or_steps(self):
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("can't provide both `training.epochs` and `training.max_steps`; choose one")
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"`training.beta` must be > 0, got {self.beta}. Set training.beta=0.1 or leave it out")
+        if self.objective == "sft" and self.beta is not None:
+            raise ValueError("`training.beta` applies to objective dpo or orpo, got objective 'sft'; remove "
+                             "training.beta or set training.objective")
+        if self.objective != "dpo" and (self.loss_type != "sigmoid" or self.reference != "adapter_disabled"
+                                        or self.label_smoothing):
+            raise ValueError(f"`training.loss_type`, `training.reference` and `training.label_smoothing` apply to "
+                             f"objective dpo, got objective '{self.objective}'")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"`training.label_smoothing` applies to loss_type sigmoid, got '{self.loss_type}'")
         return self
+
+    @property
+    def preference_beta(self) -> float:
+        """`beta`, or the objective's default (0.1 for dpo and orpo, as TRL)."""
+        return self.beta if self.beta is not None else 0.1
 
 
 class ResourcesSpec(_Strict):
@@ -192,6 +227,11 @@ class JobSpec(_Strict):
             which = f" (which needs task {' or '.join(needs)})" if needs else ""
             raise ValueError(f"task {self.task} needs dataset.format {' or '.join(map(repr, formats))}, "
                              f"got '{self.dataset.format}'{which}")
+        preference = self.training.objective in ("dpo", "orpo")
+        if preference != (self.dataset.format == "preference"):
+            raise ValueError(f"`training.objective: {self.training.objective}` needs dataset.format "
+                             f"'{'preference' if preference else 'text, instruction or chat'}', got "
+                             f"'{self.dataset.format}'")
         if self.quantization and self.resources.use_tpu:
             raise ValueError("quantization (bitsandbytes) is not supported on TPU; remove `quantization`")
         if self.quantization and not method_for_spec(self.adapter.method).adapts_weights:

@@ -3,6 +3,8 @@
 Layout of a checkpoint folder (uploaded by Ray Train to `<bucket>/train/<job name>/checkpoint_*`):
     adapter/adapter_config.json, adapter/adapter_model.safetensors   what gets registered at the end
     trainer_state.pt   {"step", "trainable", "optimizer", "scheduler", "rng"}; loaded with weights_only=True
+    reference_logps.safetensors   dpo with `reference: precomputed`: the reference log-probs, so a resumed
+                       run does not recompute them
     meta.json          {"step", "metrics"} for people browsing the bucket
 """
 
@@ -16,6 +18,7 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def rng_state() -> dict:
@@ -28,9 +31,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
-def save(folder: Path, model, optimizer, scheduler, step: int, metrics: dict) -> Path:
+def save(folder: Path, model, optimizer, scheduler, step: int, metrics: dict,
+         reference: torch.Tensor | None = None) -> Path:
     """Write a checkpoint of `model` (the PeftModel, unwrapped from DDP) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
+    if reference is not None:
+        from safetensors.torch import save_file
+
+        save_file({"logps": reference.contiguous()}, str(folder / REFERENCE_FILE))
     model.save_pretrained(folder / ADAPTER_DIR)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
@@ -53,3 +61,13 @@ def restore(folder: Path, model, optimizer, scheduler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def load_reference(folder: Path) -> torch.Tensor | None:
+    """The precomputed reference log-probs saved with a checkpoint, or None."""
+    path = Path(folder) / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["logps"]

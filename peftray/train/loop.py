@@ -22,13 +22,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from peftray.data import BatchPlan, PreparedData, collate, eval_batches, prepare_data, total_steps
+from peftray.data import BatchPlan, PreparedData, eval_batches, prepare_data, total_steps
 from peftray.errors import ConfigError
 from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
+from peftray.train.objectives import Step, needs_reference_table, objective_of
+from peftray.train.preference import reference_logps
 from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
 from peftray.train.schedule import make_optimizer, make_scheduler
-from peftray.tuners.tasks import TASKS
 
 @dataclass
 class LoopContext:
@@ -58,6 +59,7 @@ class Job:
     scheduler: Any
     pad_id: int
     scaler: Any = None  # fp16 loss scaling (CUDA only); None otherwise
+    reference: torch.Tensor | None = None  # dpo, reference: precomputed: [train + eval rows, (chosen, rejected)]
 
 
 def build(spec: JobSpec, ctx: LoopContext) -> Job:
@@ -85,6 +87,11 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     """Run (or resume) the job on this worker; returns the final metrics (the same on every rank)."""
     job = build(spec, ctx)
     start = _resume(job, ctx)
+    if ctx.rank == 0 and job.data.skipped:
+        print(f"peftray: {job.data.skipped.describe(spec.dataset.source)}", flush=True)
+        ctx.log(job.data.skipped.counts(), 0)
+    if needs_reference_table(spec):
+        _attach_reference(job, ctx)
     metrics: dict[str, float] = {}
     seconds = tokens = 0.0  # this attempt's training time and tokens, for the final throughput
     for step in range(start, job.total):
@@ -110,11 +117,28 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     return final
 
 
+def _attach_reference(job: Job, ctx: LoopContext) -> None:
+    """Reference log-probs of every train and eval pair, computed once (or taken from the checkpoint resumed
+    from) and carried by the examples, so a step runs no reference forward."""
+    examples = job.data.train + job.data.eval
+    if job.reference is not None and job.reference.shape[0] != len(examples):
+        job.reference = None  # not this dataset's table: compute it again
+    if job.reference is None:
+        began = time.perf_counter()
+        mine = reference_logps(job.model, examples, job.spec.training.batch_size, job.pad_id, ctx.device,
+                               ctx.rank, ctx.world_size)
+        job.reference = torch.tensor(_all_sum(mine.flatten().tolist(), ctx), dtype=torch.float64).view(-1, 2)
+        ctx.log({"reference_seconds": time.perf_counter() - began}, 0)
+    for example, (chosen, rejected) in zip(examples, job.reference.tolist()):
+        example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+
+
 def _resume(job: Job, ctx: LoopContext) -> int:
     with ctx.resume_from() as folder:
         if folder is None:
             return 0
         step = checkpoint.restore(Path(folder), job.model, job.optimizer, job.scheduler)
+        job.reference = checkpoint.load_reference(Path(folder))
     ctx.log({"resumed_from_step": float(step)}, step)
     if ctx.rank == 0:
         print(f"peftray: resumed {job.spec.name} from the checkpoint after step {step}", flush=True)
@@ -125,13 +149,7 @@ def _save(job: Job, ctx: LoopContext, step: int, metrics: dict) -> Path | None:
     if ctx.rank != 0:
         return None
     folder = ctx.workdir / f"peftray-ckpt-{job.spec.name}-{os.getpid()}-{step}"
-    return checkpoint.save(folder, job.model, job.optimizer, job.scheduler, step, metrics)
-
-
-def _targets(batch: dict[str, torch.Tensor], classification: bool) -> int:
-    if classification:
-        return int(batch["labels"].numel())
-    return int((batch["labels"][:, 1:] != -100).sum())  # causal LM: the shifted labels that count
+    return checkpoint.save(folder, job.model, job.optimizer, job.scheduler, step, metrics, job.reference)
 
 
 def _all_sum(values: list[float], ctx: LoopContext) -> list[float]:
@@ -152,30 +170,42 @@ def _autocast(spec: JobSpec, device: torch.device):
 
 
 def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
-    """One optimizer step: this rank's micro-batches, token-weighted loss, clip, step, schedule."""
+    """One optimizer step: this rank's micro-batches, the objective's globally weighted loss, clip, step, schedule."""
     began = time.perf_counter()
-    classification = TASKS[job.spec.task].classification
-    batches = [collate([job.data.train[i] for i in idx], job.pad_id) for idx in job.plan.micro_batches(step, ctx.rank)]
-    local_targets = sum(_targets(b, classification) for b in batches)
-    local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    global_targets, global_tokens = _all_sum([local_targets, local_tokens], ctx)
-    loss_sum = 0.0
+    objective = objective_of(job.spec)
+    batches = [objective.collate([job.data.train[i] for i in idx], job.pad_id)
+               for idx in job.plan.micro_batches(step, ctx.rank)]
+    local = _add([objective.counts(b, job.spec) for b in batches])
+    local["tokens"] = float(sum(int(b["attention_mask"].sum()) for b in batches))
+    counts = _all_sum_dict(local, ctx)
+    sums: dict[str, float] = {}
     for k, batch in enumerate(batches):
         last = k == len(batches) - 1
         sync = contextlib.nullcontext() if last or job.ddp is job.model else job.ddp.no_sync()
         with sync:
             with _autocast(job.spec, ctx.device):
-                out = job.ddp(**{key: v.to(ctx.device) for key, v in batch.items()})
-            token_sum = out.loss.float() * _targets(batch, classification)
-            scaled = token_sum * ctx.world_size / max(global_targets, 1)
+                on_device = {key: v.to(ctx.device) for key, v in batch.items()}
+                scaled, part = objective.loss(Step(job.ddp, job.model, on_device, counts, ctx.world_size, job.spec))
             (job.scaler.scale(scaled) if job.scaler else scaled).backward()
-        loss_sum += float(token_sum.detach())
+        sums = _add([sums, part])
     grad_norm, lr = _optimizer_step(job, ctx)
-    (total_loss,) = _all_sum([loss_sum], ctx)
+    metrics = objective.metrics(_all_sum_dict(sums, ctx), counts, job.spec, False)
     seconds = time.perf_counter() - began
-    return {"loss": total_loss / max(global_targets, 1), "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": global_tokens / seconds, "step_seconds": seconds,
-            "epoch": float(step // job.plan.steps_per_epoch)}
+    return {**metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / seconds,
+            "step_seconds": seconds, "epoch": float(step // job.plan.steps_per_epoch)}
+
+
+def _add(parts: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _all_sum_dict(values: dict[str, float], ctx: LoopContext) -> dict[str, float]:
+    keys = sorted(values)  # the same order on every rank
+    return dict(zip(keys, _all_sum([values[k] for k in keys], ctx)))
 
 
 def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
@@ -202,25 +232,32 @@ def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(job: Job, ctx: LoopContext) -> dict[str, float]:
-    """Eval loss (token-weighted) over all eval rows, split across ranks; perplexity or accuracy."""
-    classification = TASKS[job.spec.task].classification
+    """The objective's metrics over all eval rows, split across ranks, prefixed `eval_`."""
+    objective = objective_of(job.spec)
     job.model.eval()
-    loss_sum, count, correct = 0.0, 0, 0
+    counts: dict[str, float] = {}
+    sums: dict[str, float] = {}
     for chunk in eval_batches(job.data.eval, job.spec.training.batch_size, ctx.rank, ctx.world_size):
-        batch = {k: v.to(ctx.device) for k, v in collate(chunk, job.pad_id).items()}
+        batch = {k: v.to(ctx.device) for k, v in objective.collate(chunk, job.pad_id).items()}
+        mine = objective.counts(batch, job.spec)
         with _autocast(job.spec, ctx.device):
-            out = job.model(**batch)
-        n = _targets(batch, classification)
-        loss_sum += float(out.loss.float()) * n
-        count += n
-        if classification:
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            _, part = objective.loss(Step(job.model, job.model, batch, mine, 1, job.spec))
+        counts, sums = _add([counts, mine]), _add([sums, part])
     job.model.train()
-    loss_sum, count, correct = _all_sum([loss_sum, count, correct], ctx)
-    eval_loss = loss_sum / max(count, 1)
-    if classification:
-        return {"eval_loss": eval_loss, "eval_accuracy": correct / max(count, 1)}
-    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+    keys = sorted(objective.counts(objective.collate(job.data.eval[:1], job.pad_id), job.spec))
+    counts = _all_sum_dict({k: counts.get(k, 0.0) for k in keys}, ctx)  # a rank may have had no eval rows
+    sums = _all_sum_dict(_sum_keys(sums, job, objective, ctx), ctx)
+    return {f"eval_{k}": v for k, v in objective.metrics(sums, counts, job.spec, True).items()}
+
+
+def _sum_keys(sums: dict[str, float], job: Job, objective, ctx: LoopContext) -> dict[str, float]:
+    if sums:
+        return sums
+    # this rank had no eval rows: the keys (with zeros) of one eval batch, so every rank reduces the same list
+    batch = {k: v.to(ctx.device) for k, v in objective.collate(job.data.eval[:1], job.pad_id).items()}
+    with torch.no_grad():
+        _, part = objective.loss(Step(job.model, job.model, batch, objective.counts(batch, job.spec), 1, job.spec))
+    return {k: 0.0 for k in part}
 
 
 def _progress(spec: JobSpec, ctx: LoopContext, step: int, total: int, metrics: dict) -> None:

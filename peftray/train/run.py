@@ -178,7 +178,12 @@ def _version_tags(spec: JobSpec) -> dict[str, str]:
     t = spec.training
     tags = {"hp.learning_rate": repr(t.learning_rate), "hp.batch_size": str(t.batch_size),
             "hp.num_workers": str(spec.resources.num_workers), "hp.precision": t.precision,
-            "hp.steps": str(t.max_steps or ""), "hp.epochs": str(t.epochs or ""), "task": spec.task}
+            "hp.steps": str(t.max_steps or ""), "hp.epochs": str(t.epochs or ""), "task": spec.task,
+            "objective": t.objective}
+    if t.objective != "sft":
+        tags["hp.beta"] = repr(t.preference_beta)
+    if t.objective == "dpo":
+        tags.update({"hp.loss_type": t.loss_type, "hp.reference": t.reference})
     if spec.quantization:
         tags.update({"method": "qlora" if spec.method in ("lora", "dora") else spec.method,
                      "hp.quantization": spec.quantization})

@@ -39,7 +39,8 @@ def open_run(client, spec: JobSpec, fingerprint: str, job_id: str | None = None)
         if previous.info.status != "RUNNING":
             client.update_run(previous.info.run_id, status="RUNNING")
         return previous.info.run_id
-    tags = {TAG_JOB: spec.name, "peftray.method": spec.method, "peftray.base_model": spec.base_model.path,
+    tags = {TAG_JOB: spec.name, "peftray.method": spec.method, "peftray.objective": spec.training.objective,
+            "peftray.base_model": spec.base_model.path,
             "peftray.dataset_fingerprint": fingerprint}
     if job_id:
         tags["peftray.job_id"] = job_id

@@ -38,6 +38,6 @@ def register_task(task: Task) -> None:
     TASKS[task.name] = task
 
 
-register_task(Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", ("text", "instruction", "chat")))
+register_task(Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", ("text", "instruction", "chat", "preference")))
 register_task(Task("seq_cls", "SEQ_CLS", "AutoModelForSequenceClassification", ("classification",),
                    classification=True))
