@@ -49,8 +49,8 @@ class ServiceProc:
 
 @contextlib.contextmanager
 def _locked(folder: Path, name: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / name, "w") as fh:
+    procs.private_dir(folder)
+    with open(os.open(folder / name, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -88,7 +88,7 @@ def start_service(service_dir: Path, settings_env: dict[str, str] | None = None,
         admin_token: the admin token (default: a new random one).
         state_dir: the stack whose endpoints the service uses (default: `load_config()`'s).
     """
-    service_dir = Path(service_dir).absolute()
+    service_dir = procs.private_dir(Path(service_dir).absolute())  # the job store and the admin token
     cfg = load_config(state_dir)
     token = admin_token or secrets.token_urlsafe(32)
     port = procs.free_port()

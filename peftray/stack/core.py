@@ -50,8 +50,8 @@ class StackStatus:
 @contextlib.contextmanager
 def _locked(state_dir: Path):
     """One `up`/`down` at a time per state folder."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "w") as fh:
+    procs.private_dir(state_dir)
+    with open(os.open(state_dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -129,6 +129,9 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
         if st.stale:
             progress("found a stack from an earlier run that is no longer whole; stopping what is left of it")
             _stop_all(st)
+        # The folder holds the credentials, MLflow's databases and every S3 object (SeaweedFS's volumes): only
+        # its owner may read it, also when an older stack wrote it world-readable.
+        procs.make_private(sdir)
         old = read_state(sdir)
         creds = _credentials(old)
         token_path = _token_file(sdir / "ray_auth_token")
