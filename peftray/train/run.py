@@ -103,7 +103,8 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
 
     from peftray.train.worker import train_loop_per_worker
 
-    env = cfg.env()
+    # No secrets: Ray keeps the loop config; workers inherit the credentials from their node (or the state file).
+    env = cfg.public_env()
     env.update({k: v for k, v in os.environ.items() if k.startswith("PEFTRAY_TEST_")})
     run_config = RunConfig(
         name=spec.name, storage_path=storage or f"{cfg.bucket}/train", storage_filesystem=storage_filesystem(cfg),
@@ -111,9 +112,10 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     kwargs = {"torch_config": torch_backend(spec.resources)} if spec.resources.use_tpu else {}
-    return TorchTrainer(
-        train_loop_per_worker, train_loop_config={"spec": spec.model_dump(mode="json"), "env": env, "run_id": run_id},
-        scaling_config=scaling_config(spec.resources), run_config=run_config, **kwargs)
+    loop_config = {"spec": spec.model_dump(mode="json"), "env": env, "run_id": run_id,
+                   "checkpoint_root": f"{run_config.storage_path}/{run_config.name}"}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling_config(spec.resources), run_config=run_config, **kwargs)
 
 
 def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrides: list[str] = (),
