@@ -16,6 +16,20 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+# Every file of a checkpoint: a folder in storage holding all of them was uploaded whole (each S3 PUT is atomic).
+FILES = (STATE_FILE, "meta.json", f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
+PREFIX = "checkpoint_"
+
+
+def folder_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def step_of(path: str) -> int:
+    """The step in a checkpoint folder's name (`.../checkpoint_000015` -> 15); -1 for any other name."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    digits = name[len(PREFIX):]
+    return int(digits) if name.startswith(PREFIX) and digits.isdigit() else -1
 
 
 def rng_state() -> dict:

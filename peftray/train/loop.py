@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -122,9 +123,10 @@ def _maybe_crash(spec: JobSpec, ctx: LoopContext, step: int) -> None:
     if marker.exists():
         return
     marker.touch()
-    # Ray Train's controller records a reported checkpoint when it next polls the workers (every 2 s); die after
-    # that, so the test sees a worker lost *after* a checkpoint was registered, as in a real mid-run failure.
-    time.sleep(6)
+    # Ray Train's controller records a reported checkpoint when it next polls the workers (every 2 s): by default
+    # die after that (a worker lost after its checkpoint was registered); PEFTRAY_TEST_CRASH_WAIT_S=0 dies before,
+    # with the last checkpoint in storage but unknown to Ray.
+    time.sleep(float(os.environ.get("PEFTRAY_TEST_CRASH_WAIT_S", "6")))
     os._exit(17)
 
 
@@ -135,7 +137,7 @@ def _resume(job: Job, ctx: LoopContext) -> int:
         step = checkpoint.restore(Path(folder), job.model, job.optimizer, job.scheduler)
     ctx.log({"resumed_from_step": float(step)}, step)
     if ctx.rank == 0:
-        print(f"peftray: resumed {job.spec.name} from the checkpoint after step {step}", flush=True)
+        _emit(f"peftray: resumed {job.spec.name} from the checkpoint after step {step}")
     return step
 
 
@@ -250,7 +252,14 @@ def _progress(spec: JobSpec, ctx: LoopContext, step: int, total: int, metrics: d
             "lr": metrics["lr"], "tokens_per_s": round(metrics["tokens_per_s"], 1)}
     if "eval_loss" in metrics:
         line["eval_loss"] = round(metrics["eval_loss"], 6)
-    print("PEFTRAY_PROGRESS " + json.dumps(line), flush=True)
+    _emit("PEFTRAY_PROGRESS " + json.dumps(line))
+
+
+def _emit(line: str) -> None:
+    """One line on stdout, once. Not `print`: Ray Train patches it in its workers to log each call as well as
+    print it, so every progress line reached the job's log twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def check_precision(spec: JobSpec) -> None:
