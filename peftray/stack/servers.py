@@ -162,8 +162,8 @@ def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: st
 
 
 def wait_mlflow(proc: Proc, url: str) -> None:
-    # 300 s: on a loaded 2-core machine the two uvicorn workers alone have been seen to take ~90 s to import.
-    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=300)
+    # 600 s: on a loaded 2-core machine (load ~40) the two uvicorn workers have been seen to take over 5 min to import.
+    procs.wait_until(proc, lambda: _http_ok(f"{url}/health"), f"MLflow at {url}", timeout=600)
 
 
 # ---------------------------------------------------------------- Ray head
