@@ -49,7 +49,7 @@ def exercised(stack, ray_session, tiny_model, tmp_path_factory):
         assert job["state"] == "succeeded", job
         dep = deploy(serve_spec, wait_s=600)
         resp = httpx.post(dep.url + "/v1/completions", headers={"Authorization": f"Bearer {dep.api_key}"},
-                          json={"model": name, "prompt": "hello", "max_tokens": 2}, timeout=300)
+                          json={"model": f"{name}/1", "prompt": "hello", "max_tokens": 2}, timeout=300)
         assert resp.status_code == 200, resp.text  # the replica reached MLflow and S3 without env_vars
         secrets = {"S3 secret key": stack.aws_secret_access_key, "MLflow password": stack.mlflow_password,
                    "Ray token": stack.ray_auth_token, "service admin token": svc.admin_token,
