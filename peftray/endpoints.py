@@ -32,6 +32,11 @@ from typing import Any
 
 STATE_FILE = "stack.json"
 DEFAULT_BUCKET = "peftray"
+# Secret values: kept in 0600 files and process memory only, never handed to Ray (job runtime_env, actor
+# options, Serve configs), printed by `stack status`, or put on a command line.
+SECRET_ENDPOINTS = ("aws_secret_access_key", "mlflow_password", "service_token", "serve_api_key")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PEFTRAY_TOKEN", "PEFTRAY_SERVE_API_KEY",
+              "PEFTRAY_SERVICE_ADMIN_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,15 @@ class Config:
             env.setdefault("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
         return env
 
+    def public_env(self) -> dict[str, str]:
+        """`env()` without its secret values: what may travel through Ray to jobs, workers and replicas.
+
+        They find the secrets where Ray never records them: in their node's environment (the local stack
+        starts the Ray head with them, and Ray's workers inherit it) or in the stack's 0600 state file, which
+        `load_config()` reads through PEFTRAY_STATE_DIR.
+        """
+        return without_secrets(self.env())
+
     def apply_env(self) -> None:
         """Export `env()` into this process so libraries that read the environment find the servers.
 
@@ -123,6 +137,11 @@ class Config:
         os.environ.update(self.env())
         if os.environ.get("RAY_AUTH_MODE") != before and "ray._raylet" in sys.modules:
             sys.modules["ray._raylet"].Config.initialize("")
+
+
+def without_secrets(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the variables that hold secrets (SECRET_ENV)."""
+    return {k: v for k, v in env.items() if k not in SECRET_ENV}
 
 
 def default_state_dir() -> Path:

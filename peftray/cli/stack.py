@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peftray import stack
 from peftray.tables import table
-from peftray.endpoints import default_state_dir
+from peftray.endpoints import SECRET_ENDPOINTS, default_state_dir
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -38,8 +38,9 @@ def _up(args) -> int:
 def _status(args) -> int:
     st = stack.status(_state_dir(args))
     if args.json:
-        print(json.dumps({"running": st.running, "endpoints": {k: v for k, v in st.endpoints.items()
-                                                                if "secret" not in k}}, indent=2))
+        # The secrets stay in the 0600 state file: the output of status goes to terminals, logs and CI.
+        public = {k: v for k, v in st.endpoints.items() if k not in SECRET_ENDPOINTS}
+        print(json.dumps({"running": st.running, "endpoints": public}, indent=2))
         return 0 if st.running else 3
     if not st.procs:
         print(f"stack is not running (state folder {st.state_dir})")

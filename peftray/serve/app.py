@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
+from peftray.endpoints import without_secrets
 from peftray.errors import PeftrayError
 from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.openai_api import make_app
@@ -238,8 +239,12 @@ class OpenAIIngress:
 
 
 def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
-    """The bound Serve application for `spec`; `env` reaches every replica (endpoints, credentials)."""
-    runtime_env = {"env_vars": dict(env)}
+    """The bound Serve application for `spec`; `env` less its secrets reaches every replica (endpoints).
+
+    Ray shows and logs actor options, so replicas find credentials in their node's environment or the stack's
+    0600 state file; the API key reaches the ingress only as an init argument (in memory), never in the spec.
+    """
+    runtime_env = {"env_vars": without_secrets(env)}
     engine_opts: dict[str, Any] = dict(
         max_ongoing_requests=spec.max_ongoing_requests, max_queued_requests=spec.max_queued_requests,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": runtime_env})
@@ -247,9 +252,10 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
         engine_opts["autoscaling_config"] = spec.autoscaling.model_dump()
     else:
         engine_opts["num_replicas"] = spec.num_replicas
-    engine = AdapterEngine.options(**engine_opts).bind(spec.model_dump())
+    public = spec.model_dump(exclude={"api_key"})
+    engine = AdapterEngine.options(**engine_opts).bind(public)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
-        engine, spec.model_dump(), api_key)
+        engine, public, api_key)
 
 
 def app_builder(args: dict[str, Any]):

@@ -1,8 +1,10 @@
 """The executor: runs a validated job spec as a Ray job through the Jobs API (`JobSubmissionClient`).
 
 The service alone decides what runs on the cluster: the entrypoint is always `python -m peftray.train` on the
-spec it stored in object storage, and the runtime environment carries only the endpoints and credentials from
-the service's own config. Nothing from the request (a command, a runtime_env, env vars) reaches Ray.
+spec it stored in object storage, and the runtime environment carries only the endpoints from the service's own
+config. Nothing from the request (a command, a runtime_env, env vars) reaches Ray, and no secret either: Ray
+shows a job's runtime_env to anyone who lists jobs and writes it into its logs, so the job finds its credentials
+in its node's environment or the stack's 0600 state file (`Config.public_env`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 from peftray.service.settings import ServiceSettings
 
-# Secrets of the control plane and of serving that a training job has no use for.
-_NOT_FOR_JOBS = ("PEFTRAY_TOKEN", "PEFTRAY_SERVICE_URL", "PEFTRAY_SERVE_API_KEY", "PEFTRAY_SERVICE_ADMIN_TOKEN")
+# The control plane's address: a training job has no use for it.
+_NOT_FOR_JOBS = ("PEFTRAY_SERVICE_URL",)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ class RayExecutor:
         return f"s3://{self.config.bucket}/jobs/{job_id}/spec.json"
 
     def runtime_env(self) -> dict[str, Any]:
-        """Built from the service's config only: endpoints and credentials, unbuffered output, no log dedup."""
-        env = {k: v for k, v in self.config.env().items() if k not in _NOT_FOR_JOBS}
+        """Built from the service's config only: endpoints (no secrets), unbuffered output, no log dedup."""
+        env = {k: v for k, v in self.config.public_env().items() if k not in _NOT_FOR_JOBS}
         env.update({"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"})
         return {"env_vars": env}
 

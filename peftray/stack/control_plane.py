@@ -70,7 +70,7 @@ def start_service(service_dir: Path, settings_env: dict[str, str] | None = None,
         admin_token: the admin token (default: a new random one).
         state_dir: the stack whose endpoints the service uses (default: `load_config()`'s).
     """
-    service_dir = Path(service_dir).absolute()
+    service_dir = procs.private_dir(Path(service_dir).absolute())  # the job store and the admin token
     cfg = load_config(state_dir)
     token = admin_token or secrets.token_urlsafe(32)
     port = procs.free_port()

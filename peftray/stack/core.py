@@ -122,6 +122,9 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
         if st.stale:
             progress("found a stack from an earlier run that is no longer whole; stopping what is left of it")
             _stop_all(st)
+        # The folder holds the credentials, MLflow's databases and every S3 object (SeaweedFS's volumes): only
+        # its owner may read it, also when an older stack wrote it world-readable.
+        procs.make_private(sdir)
         old = read_state(sdir)
         creds = _credentials(old)
         token_path = _token_file(sdir / "ray_auth_token")

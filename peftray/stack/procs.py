@@ -69,14 +69,35 @@ def check_ports_free(ports: dict[str, int]) -> None:
         raise StackError(f"port(s) already in use on 127.0.0.1: {names}. Choose other ports or stop what uses them.")
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner may enter (0700), made with its parents if missing."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def make_private(root: Path) -> None:
+    """Take group and other bits off everything under `root` (state written before files were made private)."""
+    for path in [root, *root.rglob("*")]:
+        try:
+            if not path.is_symlink():
+                os.chmod(path, path.stat().st_mode & 0o700)
+        except OSError:
+            continue  # a file a server removed meanwhile
+
+
 def start(name: str, cmd: list[str], log: Path, env: dict[str, str], ports: dict[str, int]) -> Proc:
-    """Start `cmd` in a new session (its own process group), output appended to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    """Start `cmd` in a new session (its own process group), output appended to `log`.
+
+    Its umask is 077: whatever it creates (databases, volumes, Ray's session logs) is its owner's alone,
+    whatever umask the user who ran `stack up` has.
+    """
+    private_dir(log.parent)
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         try:
             popen = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True, umask=0o077,
             )
         except FileNotFoundError as exc:
             raise StackError(f"{name}: cannot run {cmd[0]!r}: {exc.strerror}. Is the package that ships it installed?") from exc

@@ -70,8 +70,8 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 # ---------------------------------------------------------------- SeaweedFS (S3)
 
 def start_weed(opts: Options, creds: dict[str, str], ports: dict[str, int]) -> Proc:
-    sdir = opts.state_dir / "weed"
-    (sdir / "data").mkdir(parents=True, exist_ok=True)
+    sdir = procs.private_dir(opts.state_dir / "weed")
+    procs.private_dir(sdir / "data")
     s3_config = sdir / "s3.json"
     s3_config.write_text(json.dumps({
         "identities": [{
@@ -139,8 +139,7 @@ def _mlflow_auth_config(sdir: Path, creds: dict[str, str]) -> Path:
 
 def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: str, port: int) -> Proc:
     """MLflow tracking server + registry with basic auth; artifacts proxied to s3://<bucket>/mlflow-artifacts."""
-    sdir = opts.state_dir / "mlflow"
-    sdir.mkdir(parents=True, exist_ok=True)
+    sdir = procs.private_dir(opts.state_dir / "mlflow")
     db_url = opts.db_url or f"sqlite:///{sdir / 'mlflow.db'}"
     env = _child_env({
         "MLFLOW_S3_ENDPOINT_URL": endpoint,
@@ -174,6 +173,7 @@ def wait_mlflow(proc: Proc, url: str) -> None:
 RAY_PORT_NAMES = (
     "ray_gcs", "ray_dashboard", "ray_client", "ray_node_manager", "ray_object_manager",
     "ray_agent_http", "ray_agent_grpc", "ray_runtime_env_agent", "ray_metrics",
+    "ray_dashboard_metrics", "ray_autoscaler_metrics",
 )
 
 
@@ -190,6 +190,14 @@ def start_ray(opts: Options, ports: dict[str, int], token_path: Path, env_extra:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # `ray start` turns --node-ip-address=127.0.0.1 into the machine's address (so other nodes could join),
+        # and Ray's servers bind that address or every interface. A single-node stack keeps the loopback address,
+        # which makes them bind 127.0.0.1 (Ray's switch for single-machine clusters is named after Windows/macOS).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # The dashboard's and the autoscaler's own Prometheus ports are fixed defaults (44227, 44217): ours are
+        # free ones, so two stacks on one machine do not collide, and loopback-bound like the rest.
+        "DASHBOARD_METRIC_PORT": str(ports["ray_dashboard_metrics"]),
+        "AUTOSCALER_METRIC_PORT": str(ports["ray_autoscaler_metrics"]),
         **env_extra,
     })
     cmd = [
@@ -204,7 +212,7 @@ def start_ray(opts: Options, ports: dict[str, int], token_path: Path, env_extra:
         f"--dashboard-agent-grpc-port={ports['ray_agent_grpc']}",
         f"--runtime-env-agent-port={ports['ray_runtime_env_agent']}",
         f"--metrics-export-port={ports['ray_metrics']}",
-        f"--temp-dir={ray_temp_dir(opts.state_dir)}",
+        f"--temp-dir={procs.private_dir(ray_temp_dir(opts.state_dir))}",
     ]
     if opts.ray_num_cpus is not None:
         cmd.append(f"--num-cpus={opts.ray_num_cpus}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from peftray.endpoints import STATE_FILE, read_state
+from peftray.stack import procs
 
 
 # Locks this thread holds: re-entering one (`stack up` updates the state while holding the folder's lock)
@@ -33,8 +34,8 @@ def locked(state_dir: Path, name: str = ".lock") -> Iterator[None]:
     if key in held:
         yield
         return
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(key, "w") as fh:
+    procs.private_dir(state_dir)  # 0700: the folder holds credentials
+    with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         held.add(key)
         try:

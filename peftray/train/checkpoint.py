@@ -19,6 +19,20 @@ import torch
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
 REFERENCE_FILE = "reference_logps.safetensors"
+# Every file of a checkpoint: a folder in storage holding all of them was uploaded whole (each S3 PUT is atomic).
+FILES = (STATE_FILE, "meta.json", f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
+PREFIX = "checkpoint_"
+
+
+def folder_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def step_of(path: str) -> int:
+    """The step in a checkpoint folder's name (`.../checkpoint_000015` -> 15); -1 for any other name."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    digits = name[len(PREFIX):]
+    return int(digits) if name.startswith(PREFIX) and digits.isdigit() else -1
 
 
 def rng_state() -> dict:
@@ -71,3 +85,19 @@ def load_reference(folder: Path) -> torch.Tensor | None:
     from safetensors.torch import load_file
 
     return load_file(str(path))["logps"]
+
+
+def storage_filesystem(cfg):
+    """A pyarrow S3 filesystem for a `peftray.endpoints.Config`'s endpoint (Ray Train's checkpoint storage)."""
+    import os
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if cfg.aws_access_key_id:
+        kwargs.update(access_key=cfg.aws_access_key_id, secret_key=cfg.aws_secret_access_key)
+    if cfg.s3_endpoint_url:
+        url = urlparse(cfg.s3_endpoint_url)
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "http")
+    return pafs.S3FileSystem(**kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,7 @@ def _resume(job: Job, ctx: LoopContext) -> int:
         job.reference = checkpoint.load_reference(Path(folder))
     ctx.log({"resumed_from_step": float(step)}, step)
     if ctx.rank == 0:
-        print(f"peftray: resumed {job.spec.name} from the checkpoint after step {step}", flush=True)
+        _emit(f"peftray: resumed {job.spec.name} from the checkpoint after step {step}")
     return step
 
 
@@ -269,7 +270,14 @@ def _progress(spec: JobSpec, ctx: LoopContext, step: int, total: int, metrics: d
             "lr": metrics["lr"], "tokens_per_s": round(metrics["tokens_per_s"], 1)}
     if "eval_loss" in metrics:
         line["eval_loss"] = round(metrics["eval_loss"], 6)
-    print("PEFTRAY_PROGRESS " + json.dumps(line), flush=True)
+    _emit("PEFTRAY_PROGRESS " + json.dumps(line))
+
+
+def _emit(line: str) -> None:
+    """One line on stdout, once. Not `print`: Ray Train patches it in its workers to log each call as well as
+    print it, so every progress line reached the job's log twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def check_precision(spec: JobSpec) -> None:

@@ -11,12 +11,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from peftray.endpoints import Config, load_config
 from peftray.data import BatchPlan, prepare_data
 from peftray.errors import GateError, PeftrayError
 from peftray.jobspec import JobSpec, load_spec
+from peftray.train import checkpoint
 from peftray.train.loop import check_precision
 from peftray.train.model import check_quantization, load_tokenizer, resolve_base
 from peftray.train.scaling import check_cluster, scaling_config, torch_backend
@@ -44,19 +44,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def storage_filesystem(cfg: Config):
-    """A pyarrow S3 filesystem for the config's endpoint (Ray Train's checkpoint storage)."""
-    import pyarrow.fs as pafs
-
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if cfg.aws_access_key_id:
-        kwargs.update(access_key=cfg.aws_access_key_id, secret_key=cfg.aws_secret_access_key)
-    if cfg.s3_endpoint_url:
-        url = urlparse(cfg.s3_endpoint_url)
-        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "http")
-    return pafs.S3FileSystem(**kwargs)
 
 
 def _absolute_paths(spec: JobSpec) -> JobSpec:
@@ -103,16 +90,19 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
 
     from peftray.train.worker import train_loop_per_worker
 
-    env = cfg.env()
+    # No secrets: Ray keeps the loop config; workers inherit the credentials from their node (or the state file).
+    env = cfg.public_env()
     run_config = RunConfig(
-        name=spec.name, storage_path=storage or f"{cfg.bucket}/train", storage_filesystem=storage_filesystem(cfg),
+        name=spec.name, storage_path=storage or f"{cfg.bucket}/train",
+        storage_filesystem=checkpoint.storage_filesystem(cfg),
         failure_config=FailureConfig(max_failures=spec.training.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     kwargs = {"torch_config": torch_backend(spec.resources)} if spec.resources.use_tpu else {}
-    return TorchTrainer(
-        train_loop_per_worker, train_loop_config={"spec": spec.model_dump(mode="json"), "env": env, "run_id": run_id},
-        scaling_config=scaling_config(spec.resources), run_config=run_config, **kwargs)
+    loop_config = {"spec": spec.model_dump(mode="json"), "env": env, "run_id": run_id,
+                   "checkpoint_root": f"{run_config.storage_path}/{run_config.name}"}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling_config(spec.resources), run_config=run_config, **kwargs)
 
 
 def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrides: list[str] = (),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from peftray.jobspec import JobSpec
+from peftray.train import checkpoint
 from peftray.train.loop import LoopContext, train
 
 
@@ -72,17 +73,43 @@ def _report(metrics: dict[str, Any], folder: Path | None) -> None:
     import ray.train
 
     ckpt = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
-    step = int(metrics.get("step", 0)) if folder else None
-    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:06d}" if folder else None)
+    name = checkpoint.folder_name(int(metrics.get("step", 0))) if folder else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)  # uploaded synchronously; the local copy is not needed
 
 
-@contextlib.contextmanager
-def _latest_checkpoint():
+def newest_stored_checkpoint(root: str, filesystem):
+    """The highest-step complete checkpoint folder under `root` in storage, as a Ray `Checkpoint`, or None."""
+    import pyarrow.fs as pafs
     import ray.train
 
+    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    folders = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                      and checkpoint.step_of(i.path) >= 0), key=checkpoint.step_of, reverse=True)
+    for folder in folders:
+        files = filesystem.get_file_info([f"{folder}/{name}" for name in checkpoint.FILES])
+        if all(f.type == pafs.FileType.File for f in files):
+            return ray.train.Checkpoint(folder, filesystem=filesystem)
+    return None
+
+
+@contextlib.contextmanager
+def _latest_checkpoint(root: str | None, cfg):
+    """The newer of Ray's latest checkpoint and the newest complete one in the run's storage folder.
+
+    Ray Train learns of a reported checkpoint only when its controller next polls the workers; a worker that
+    dies after the upload but before that poll leaves a checkpoint in storage that Ray does not know of, and
+    resuming from Ray's alone would lose up to 2 x checkpoint_every steps.
+    """
+    import ray.train
+
+    from peftray.train.checkpoint import storage_filesystem
+
     ckpt = ray.train.get_checkpoint()
+    stored = newest_stored_checkpoint(root, storage_filesystem(cfg)) if root else None
+    if stored is not None and (ckpt is None or checkpoint.step_of(stored.path) > checkpoint.step_of(ckpt.path)):
+        ckpt = stored
     if ckpt is None:
         yield None
         return
@@ -91,7 +118,7 @@ def _latest_checkpoint():
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`: `loop_config` = {spec, env, run_id}."""
+    """Ray Train's `train_loop_per_worker`: `loop_config` = {spec, env, run_id, checkpoint_root}."""
     import ray.train
 
     from peftray.endpoints import load_config
@@ -103,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = load_config()
     ctx = LoopContext(
         rank=rank, world_size=context.get_world_size(), device=worker_device(spec),
-        report=_report, resume_from=_latest_checkpoint,
+        report=_report, resume_from=lambda: _latest_checkpoint(loop_config.get("checkpoint_root"), cfg),
         log=MlflowLogger(loop_config.get("run_id") if rank == 0 else None, cfg), config=cfg,
         workdir=Path(tempfile.gettempdir()),
     )

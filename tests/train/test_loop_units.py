@@ -127,3 +127,22 @@ def test_entrypoint_and_cli_refuse_a_bad_spec_before_starting_anything(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "peftray", "train", "jobs/tiny-qlora.yaml", "training.max_steps=3",
                            "--check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "max_steps: 3" in proc.stdout
+
+
+def test_newest_complete_stored_checkpoint_wins(tmp_path):
+    """At restart the newest checkpoint folder whose every file was uploaded is used; a half-uploaded one is not."""
+    import pyarrow.fs as pafs
+
+    from peftray.train import checkpoint
+    from peftray.train.worker import newest_stored_checkpoint
+
+    root = tmp_path / "train" / "job"
+    for step, files in ((5, checkpoint.FILES), (10, checkpoint.FILES), (15, checkpoint.FILES[:-1])):
+        for name in files:
+            path = root / checkpoint.folder_name(step) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")
+    fs = pafs.LocalFileSystem()
+    assert checkpoint.step_of(newest_stored_checkpoint(str(root), fs).path) == 10
+    assert newest_stored_checkpoint(str(tmp_path / "no-such-run"), fs) is None
