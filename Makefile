@@ -44,7 +44,8 @@ $(WHEEL): pyproject.toml README.md $(shell find peftray -type f ! -name '*.pyc' 
 
 # The image builds its own wheel from this checkout (infra/docker/Dockerfile), so it needs no `make wheel`.
 image:
-	docker build -f infra/docker/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE):$(TAG) .
+	docker build -f infra/docker/Dockerfile --build-arg VARIANT=$(VARIANT) --build-arg PEFTRAY_VERSION=$(VERSION) \
+		-t $(IMAGE):$(TAG) .
 
 push:
 	docker push $(IMAGE):$(TAG)
