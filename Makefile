@@ -6,7 +6,15 @@ VENV ?= .venv
 TORCH_CONSTRAINTS ?= constraints-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-stack
+# The one version (pyproject.toml) names the wheel and tags the image; the manifests carry it too (tests/packaging).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL := dist/peftray-$(VERSION)-py3-none-any.whl
+# make image VARIANT=cpu|gpu|tpu [IMAGE=my.registry/peftray] [TAG=...]; the gpu/tpu tags carry a suffix.
+VARIANT ?= cpu
+IMAGE ?= ghcr.io/peftray/peftray
+TAG ?= $(VERSION)$(if $(filter-out cpu,$(VARIANT)),-$(VARIANT))
+
+.PHONY: install demo test bench clean-stack wheel image push
 
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,3 +35,17 @@ bench: $(VENV)/.installed
 
 clean-stack:
 	test ! -x $(VENV)/bin/peftray || $(VENV)/bin/peftray stack down
+
+# The wheel the launcher YAMLs copy to every node (cluster/*.yaml: file_mounts) and the image installs.
+wheel: $(WHEEL)
+
+$(WHEEL): pyproject.toml README.md $(shell find peftray -type f ! -name '*.pyc' ! -path '*/__pycache__/*')
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# The image builds its own wheel from this checkout (infra/docker/Dockerfile), so it needs no `make wheel`.
+image:
+	docker build -f infra/docker/Dockerfile --build-arg VARIANT=$(VARIANT) --build-arg PEFTRAY_VERSION=$(VERSION) \
+		-t $(IMAGE):$(TAG) .
+
+push:
+	docker push $(IMAGE):$(TAG)

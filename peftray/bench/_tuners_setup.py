@@ -1,7 +1,7 @@
 """Shared pieces of `peftray bench tuners`: the model, the two LoRA implementations side by side, timing.
 
 HF PEFT (`peft`) is the baseline, so it is imported here, lazily, and only by the benchmark; it comes with
-the `test` extra (`pip install 'peftray[test]'`). Nothing else in peftray imports it.
+the `test` extra (`pip install -e '.[test]'` in the checkout). Nothing else in peftray imports it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def peft_baseline():
         from peftray.errors import ConfigError
 
         raise ConfigError("`peftray bench tuners` compares against Hugging Face PEFT, which is not installed; "
-                          "install the test extra: pip install 'peftray[test]'.") from exc
+                          "install the test extra: pip install -e '.[test]' in the checkout.") from exc
     return peft
 
 

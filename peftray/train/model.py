@@ -41,7 +41,7 @@ def check_quantization(spec: JobSpec) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"`quantization: {spec.quantization}` needs bitsandbytes (pip install 'peftray[quant]'), "
+        raise ConfigError(f"`quantization: {spec.quantization}` needs bitsandbytes (peftray's `quant` extra: pip install 'bitsandbytes>=0.45'), "
                           "or remove `quantization`") from None
     if spec.quantization == "8bit" and not spec.resources.use_gpu:
         raise ConfigError("`quantization: 8bit` needs CUDA (bitsandbytes' int8 matmul has no CPU kernel); "

@@ -76,6 +76,11 @@ def text_secret_problems(text: str, where: str) -> list[str]:
     return [f"{where}: looks like a committed {what}" for what, pat in patterns.items() if re.search(pat, text)]
 
 
+def compose_image(image: str) -> str:
+    """A compose `image:` with its `${VAR:-default}` parts at their defaults (what `up` uses with no .env)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", image)
+
+
 def image_problems(image: str, version: str, where: str) -> list[str]:
     repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
     if not tag or tag == "latest":
@@ -85,10 +90,34 @@ def image_problems(image: str, version: str, where: str) -> list[str]:
     return []
 
 
-def pinned_peftray_problems(text: str, version: str, where: str) -> list[str]:
-    """Every `peftray==X` / `peftray[extras]==X` pin in a file must be pyproject's version."""
-    pins = re.findall(r"peftray(?:\[[a-z,]+\])?==([0-9A-Za-z.+-]+)", text)
-    return [f"{where}: pins peftray=={p}, pyproject says {version}" for p in pins if p != version]
+def wheel_name(version: str) -> str:
+    return f"peftray-{version}-py3-none-any.whl"
+
+
+# `pip install ARGS` up to the end of the shell command; backslash-newlines are joined first.
+PIP_INSTALL = re.compile(r"\b(?:uv )?pip3? install\b(?P<args>[^\n;&|`)]*)")
+BY_NAME = re.compile(r"peftray(\[[^\]]*\])?([<>=!~]=?\S*)?")
+PIN = re.compile(r"\bpeftray(\[[\w,]+\])?\s*(==|>=|~=)")
+
+
+def index_install_problems(text: str, where: str) -> list[str]:
+    """Places that install peftray by name (from a package index) instead of the wheel built from the checkout:
+    a pip install of the bare name (with or without extras and a version), and any requirement on the name
+    with a version (`==`, `>=`, `~=`)."""
+    text = re.sub(r"\\\n", " ", text)
+    problems = [f"{where}: requirement `{m.group(0)}` installs peftray from an index" for m in PIN.finditer(text)]
+    for m in PIP_INSTALL.finditer(text):
+        for token in m.group("args").split():
+            if BY_NAME.fullmatch(token.strip("'\"`.,:;()")):
+                problems.append(f"{where}: `pip install {token}` installs peftray from an index; install the wheel "
+                                "that `make wheel` builds from the checkout")
+    return problems
+
+
+def wheel_version_problems(text: str, version: str, where: str) -> list[str]:
+    """Every peftray wheel file named in a file must be pyproject's version."""
+    found = re.findall(r"peftray-([0-9][0-9A-Za-z.+]*)-py3-none-any\.whl", text)
+    return [f"{where}: names the wheel of peftray {v}, pyproject says {version}" for v in found if v != version]
 
 
 def resources_of(group: dict) -> dict[str, str]:

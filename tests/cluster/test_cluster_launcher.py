@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -11,7 +12,9 @@ import pytest
 import ray
 import yaml
 
-from cluster_checks import ROOT, pinned_peftray_problems, project_version, text_secret_problems
+from cluster_checks import (
+    ROOT, index_install_problems, project_version, text_secret_problems, wheel_name,
+)
 
 LAUNCHER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
@@ -51,19 +54,32 @@ def test_token_auth_and_private_dashboard(path):
         assert "RAY_AUTH_MODE=token" in cmd, f"{path.name}: {name} starts Ray without token auth"
         assert "RAY_AUTH_TOKEN_PATH=" in cmd, f"{path.name}: {name} has no token file"
     assert "--dashboard-host=127.0.0.1" in head, "dashboard must stay on loopback (reach it with `ray dashboard`)"
-    # The token and env files come from the user's machine, never from the repository.
-    sources = list(config["file_mounts"].values())
+    # The token and env files come from the user's machine, never from the repository; the only other mount
+    # is the wheel built from the checkout.
+    sources = [s for s in config["file_mounts"].values() if s != _wheel_mount(config)[1]]
     assert sources and all(s.startswith("~/.peftray/") for s in sources), sources
     assert text_secret_problems(path.read_text(), path.name) == []
 
 
+def _wheel_mount(config: dict) -> tuple[str, str]:
+    """(remote, local) of the file mount that ships peftray's wheel."""
+    (mount,) = [(r, l) for r, l in config["file_mounts"].items() if l.endswith(".whl")]
+    return mount
+
+
 @pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
-def test_peftray_installed_everywhere_at_project_version(path):
+def test_every_node_installs_the_wheel_built_from_the_checkout(path):
+    """`make wheel` then `ray up` works with no index holding peftray: the nodes install the shipped file."""
     config = _load(path)
-    setup = " ".join(config["setup_commands"])  # setup_commands run on the head and on every worker
-    assert f"peftray==" in setup or "peftray[" in setup
-    assert pinned_peftray_problems(setup, project_version(), path.name) == []
-    assert pinned_peftray_problems("pip install peftray==0.0.9", "0.1.0", "x")  # the check can fail
+    remote, local = _wheel_mount(config)
+    assert local == f"dist/{wheel_name(project_version())}", "the wheel `make wheel` writes, at pyproject's version"
+    assert Path(remote).name == Path(local).name and remote.startswith("/")
+    setup = config["setup_commands"]  # setup_commands run on the head and on every worker
+    installs = [c for c in setup if re.search(r"\bpip3? install\b", c)]
+    assert installs and any(re.search(rf"pip install [^;&|]*[\"']?{re.escape(remote)}(\[[\w,]+\])?[\"']?", c)
+                            for c in installs), installs
+    assert index_install_problems("\n".join(config["setup_commands"] + config["worker_setup_commands"]
+                                            + config["head_setup_commands"]), path.name) == []
 
 
 def test_aws_gpu_worker_types_autoscale():

@@ -13,13 +13,14 @@ import yaml
 from peftray.serve.serve_spec import load_serve_config
 
 from cluster_checks import (
-    PEFTRAY_IMAGE, RAY_KINDS, ROOT, containers, image_problems, inline_secret_problems, load_docs,
-    pinned_peftray_problems, project_version, ray_cluster_spec, resources_of, text_secret_problems,
-    tpu_group_problems, walk,
+    PEFTRAY_IMAGE, RAY_KINDS, ROOT, compose_image, containers, image_problems, index_install_problems,
+    inline_secret_problems, load_docs, project_version, ray_cluster_spec, resources_of, text_secret_problems,
+    tpu_group_problems, walk, wheel_version_problems,
 )
 
-KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
-INFRA_K8S = sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
+# The manifests; each folder's kustomization.yaml is checked by rendering it (test_cluster_schemas.py).
+KUBERAY = sorted(p for p in (ROOT / "cluster" / "kuberay").glob("*.yaml") if p.name != "kustomization.yaml")
+INFRA_K8S = sorted(p for p in (ROOT / "infra" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
 COMPOSE = ROOT / "infra" / "docker-compose.yaml"
 ALL_MANIFESTS = KUBERAY + INFRA_K8S + [COMPOSE]
 VERSION = project_version()
@@ -137,14 +138,16 @@ def test_images_pinned_and_on_project_version(path):
                 for p in image_problems(c["image"], VERSION, f"{path.name}:{c.get('name')}")]
     if path == COMPOSE:
         problems += [p for name, s in load_docs(path)[0]["services"].items()
-                     for p in image_problems(s["image"], VERSION, f"compose:{name}")]
+                     for p in image_problems(compose_image(s["image"]), VERSION, f"compose:{name}")]
     assert problems == []
+    assert compose_image("${PEFTRAY_IMAGE:-ghcr.io/peftray/peftray}:0.1.0") == f"{PEFTRAY_IMAGE}:0.1.0"
     assert image_problems(f"{PEFTRAY_IMAGE}:0.0.1", VERSION, "x") and image_problems("redis", VERSION, "x")
 
 
 def test_every_peftray_version_agrees_with_pyproject():
     files = [*ALL_MANIFESTS, *sorted((ROOT / "cluster").glob("*.yaml")), ROOT / "infra" / "docker" / "Dockerfile"]
-    problems = [p for f in files for p in pinned_peftray_problems(f.read_text(), VERSION, f.name)]
+    problems = [p for f in files for p in wheel_version_problems(f.read_text(), VERSION, f.name)
+                + index_install_problems(f.read_text(), f.name)]
     labels = [m["app.kubernetes.io/version"] for p in KUBERAY + INFRA_K8S for d in load_docs(p)
               for m in walk(d) if "app.kubernetes.io/version" in m]
     assert problems == [] and labels and set(labels) == {VERSION}
@@ -155,7 +158,7 @@ def test_every_peftray_version_agrees_with_pyproject():
 
 def test_infra_k8s_is_complete_and_mlflow_uses_postgres_and_s3():
     listed = set(yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())["resources"])
-    assert listed == {p.name for p in INFRA_K8S} - {"kustomization.yaml"}
+    assert listed == {p.name for p in INFRA_K8S}
     docs = {(d["kind"], d["metadata"]["name"]): d for p in INFRA_K8S for d in load_docs(p) if "metadata" in d}
     mlflow = containers(docs[("Deployment", "mlflow")])[0]
     args = " ".join(mlflow["args"])
