@@ -13,7 +13,8 @@ _SLUG_HELP = "lowercase letters, digits, '-' and '_', starting with a letter or 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf/NaN learning rate or alpha would train into NaN weights and still "succeed"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BaseModelSpec(_Strict):

@@ -19,7 +19,7 @@ from peftray.service.store import JobStore
 
 
 class GateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     metric: str
     higher_is_better: bool = True
     threshold: float | None = None

@@ -49,6 +49,11 @@ def _install_error_handlers(app: FastAPI) -> None:
                              for e in exc.errors())
         return JSONResponse(error_body("invalid_request", problems), status_code=422)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError):  # a body nested thousands of levels deep
+        return JSONResponse(error_body("invalid_request", "request body is nested too deeply; send the fields "
+                                       "as documented"), status_code=400)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)

@@ -72,6 +72,11 @@ def test_shorthands():
     (["quantization=4bit", "adapter=prompt_tuning"], ["quantization", "prompt_tuning"]),
     (["training"], ["key=value"]),
     (["adapter.r.x=1"], ["adapter.r", "not a section"]),
+    (["training.learning_rate=.inf"], ["`training.learning_rate`", "finite"]),
+    (["training.max_grad_norm=.nan"], ["`training.max_grad_norm`", "finite"]),
+    (["adapter.lora_alpha=-.inf"], ["`adapter.lora_alpha`", "finite"]),
+    (["dataset.eval_fraction=.nan"], ["`dataset.eval_fraction`", "finite"]),
+    (["adapter.alpha_pattern={q_proj: .inf}"], ["`adapter.alpha_pattern.q_proj`", "finite"]),
 ])
 def test_bad_specs_name_field_value_and_allowed(override, needles):
     with pytest.raises(ConfigError) as info:

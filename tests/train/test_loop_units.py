@@ -127,3 +127,11 @@ def test_entrypoint_and_cli_refuse_a_bad_spec_before_starting_anything(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "peftray", "train", "jobs/tiny-qlora.yaml", "training.max_steps=3",
                            "--check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "max_steps: 3" in proc.stdout
+
+
+def test_submit_cli_refuses_a_non_finite_float_without_a_traceback():
+    # refused while loading the spec, before any service is contacted (none runs here)
+    proc = subprocess.run([sys.executable, "-m", "peftray", "submit", "jobs/tiny-lora-instruct.yaml",
+                           "training.learning_rate=.inf", "--no-wait"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "`training.learning_rate`" in proc.stderr and "finite" in proc.stderr, proc.stderr
