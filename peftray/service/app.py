@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from peftray.errors import ConflictError, PeftrayError
+from peftray.errors import ConflictError, NotFoundError, PeftrayError
 from peftray.service import adapters_api
 from peftray.service.auth import Principal, authenticate, issue_token
 from peftray.service.executor import RayExecutor
@@ -91,9 +91,10 @@ def _owned_job(request: Request, job_id: str, who: Principal) -> JobRecord:
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     user: str = Field(description="user name the token acts as")
     admin: bool = Field(False, description="give the token admin rights")
+    ttl_s: float | None = Field(None, gt=0, description="seconds until the token expires; none = never")
 
 
 def create_app(settings: ServiceSettings | None = None, manage_state: bool = True) -> FastAPI:
@@ -130,13 +131,34 @@ def create_app(settings: ServiceSettings | None = None, manage_state: bool = Tru
     def whoami(who: Principal = Depends(principal)) -> dict[str, Any]:
         return {"user": who.user, "is_admin": who.is_admin}
 
+    _token_routes(app)
+    return app
+
+
+def _token_routes(app: FastAPI) -> None:
     @app.post("/v1/tokens", status_code=201, tags=["service"])
     def create_token(body: TokenRequest, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         """Issue an API token for a user (admin only). The token is shown once; only its sha256 is stored."""
         who.check_admin("issuing tokens")
-        return {"user": body.user, "token": issue_token(state_of(request.app).store, body.user, body.admin)}
+        return issue_token(state_of(request.app).store, body.user, body.admin, body.ttl_s)
 
-    return app
+    @app.get("/v1/tokens", tags=["service"])
+    def list_tokens(request: Request, user: str | None = None,
+                    who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Tokens (id, user, expiry, revocation; never the token): a user sees their own, the admin everyone's."""
+        if not who.is_admin:
+            user = who.user
+        return {"tokens": state_of(request.app).store.list_tokens(user=user)}
+
+    @app.delete("/v1/tokens/{token_id}", tags=["service"])
+    def revoke_token(token_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Revoke a token: requests with it get 401 from now on. A user may revoke their own tokens."""
+        store = state_of(request.app).store
+        found = store.list_tokens(token_id=token_id)
+        if not found or (not who.is_admin and found[0]["user"] != who.user):
+            raise NotFoundError(f"no token {token_id!r} of yours; list them with `peftray service tokens`")
+        store.revoke_token(token_id)
+        return store.list_tokens(token_id=token_id)[0]
 
 
 def _job_routes(app: FastAPI) -> None:

@@ -120,8 +120,19 @@ class ServiceClient:
     def rollback(self, name: str, alias: str, reason: str | None = None) -> dict[str, Any]:
         return self.request("POST", f"/v1/adapters/{name}/rollback", json={"alias": alias, "reason": reason})
 
-    def create_token(self, user: str, admin: bool = False) -> str:
-        return self.request("POST", "/v1/tokens", json={"user": user, "admin": admin})["token"]
+    def create_token(self, user: str, admin: bool = False, ttl_s: float | None = None) -> str:
+        """A new token for `user` (admin only); `ttl_s` seconds until it expires (None: never)."""
+        return self.issue_token(user, admin, ttl_s)["token"]
+
+    def issue_token(self, user: str, admin: bool = False, ttl_s: float | None = None) -> dict[str, Any]:
+        """Like `create_token`, returning the whole record: token, id, user, expires_at."""
+        return self.request("POST", "/v1/tokens", json={"user": user, "admin": admin, "ttl_s": ttl_s})
+
+    def list_tokens(self, user: str | None = None) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/tokens", params={"user": user} if user else None)["tokens"]
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/tokens/{token_id}")
 
 
 def _raise_for(resp: httpx.Response) -> None:

@@ -91,9 +91,10 @@ def test_list_is_paginated_newest_first_and_filtered(store):
 
 
 def test_tokens_are_stored_as_hashes(store):
-    token = issue_token(store, "alice")
-    assert store.token_owner(token_hash(token)) == ("alice", False)
-    assert store.token_owner(token_hash(token + "x")) is None
+    token = issue_token(store, "alice")["token"]
+    row = store.token_row(token_hash(token))
+    assert (row.user, bool(row.is_admin)) == ("alice", False)
+    assert store.token_row(token_hash(token + "x")) is None
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM peftray_api_tokens")) for v in row)
     assert token not in dump and token_hash(token) in dump
