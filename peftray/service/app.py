@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftray.errors import ConflictError, NotFoundError, PeftrayError
 from peftray.service import adapters_api
+from peftray.service.admission import admit
 from peftray.service.auth import Principal, authenticate, issue_token
 from peftray.service.executor import RayExecutor
 from peftray.service.intake import read_body, validate_spec
@@ -163,16 +164,19 @@ def _token_routes(app: FastAPI) -> None:
 
 def _job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", tags=["jobs"], status_code=201)
-    async def submit_job(request: Request, dry_run: bool = False,
+    async def submit_job(request: Request, dry_run: bool = False, refuse_changed_spec: bool = False,
                          who: Principal = Depends(principal)) -> JSONResponse:
         """Submit a job spec (JSON, or YAML with any other content type).
 
         Send an `Idempotency-Key` header to make retries safe: the same key (per user) returns the job the
         first request created (200) instead of making another (201). `?dry_run=true` only validates.
+        `?refuse_changed_spec=true` refuses (409) a name you used before for a different spec; without it, a
+        changed spec under the same name is a new run (its own checkpoints and MLflow run).
         """
         state = state_of(request.app)
         body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
         spec = validate_spec(body, request.headers.get("content-type"))
+        spec = await run_in_threadpool(admit, spec, who, state.settings, state.store, refuse_changed_spec)
         spec_json = spec.model_dump(mode="json")
         if dry_run:
             return JSONResponse({"valid": True, "spec": spec_json}, status_code=200)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftray.errors import AuthError, ConfigError, ForbiddenError
-from peftray.service.store import JobRecord, JobStore
+from peftray.service.store import ADMIN_USER, JobRecord, JobStore
 
-ADMIN_USER = "admin"
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 

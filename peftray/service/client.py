@@ -68,16 +68,17 @@ class ServiceClient:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def submit(self, spec: dict[str, Any] | str, idempotency_key: str | None = None,
-               dry_run: bool = False) -> dict[str, Any]:
-        """Submit a spec (a mapping, sent as JSON, or YAML text). A key (default: a fresh one) makes retries safe."""
+               dry_run: bool = False, refuse_changed_spec: bool = False) -> dict[str, Any]:
+        """Submit a spec (a mapping, sent as JSON, or YAML text). A key (default: a fresh one) makes retries safe;
+        `refuse_changed_spec` refuses (409) a name this user ran before with a different spec."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         if isinstance(spec, str):
             headers["Content-Type"] = "application/yaml"
             kwargs: dict[str, Any] = {"content": spec.encode()}
         else:
             kwargs = {"json": spec}
-        return self.request("POST", "/v1/jobs", params={"dry_run": "true"} if dry_run else None,
-                            headers=headers, **kwargs)
+        params = {k: "true" for k, on in (("dry_run", dry_run), ("refuse_changed_spec", refuse_changed_spec)) if on}
+        return self.request("POST", "/v1/jobs", params=params or None, headers=headers, **kwargs)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")

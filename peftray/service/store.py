@@ -21,6 +21,7 @@ from peftray.errors import ConflictError, NotFoundError
 QUEUED, STARTING, RUNNING = "queued", "starting", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 ACTIVE = (STARTING, RUNNING)
+ADMIN_USER = "admin"  # the user the admin token (from the settings) acts as
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, *ACTIVE, *TERMINAL)
 
@@ -342,6 +343,10 @@ class JobStore:
         return [{"id": r.token_id, "user": r.user, "is_admin": bool(r.is_admin), "created_at": iso(r.created_at),
                  "expires_at": iso(r.expires_at), "revoked_at": iso(r.revoked_at),
                  "active": r.revoked_at is None and (r.expires_at is None or r.expires_at > now)} for r in rows]
+
+    def user_is_admin(self, user: str) -> bool:
+        """True for the admin token's user and for a user holding an active admin token."""
+        return user == ADMIN_USER or any(t["is_admin"] and t["active"] for t in self.list_tokens(user=user))
 
     def revoke_token(self, token_id: str) -> bool:
         """Mark a token revoked (from the next request on); False when it was unknown or already revoked."""

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from peftray.data import BatchPlan, PreparedData, collate, eval_batches, prepare_data, total_steps
-from peftray.errors import ConfigError
+from peftray.errors import ConfigError, NonFiniteError
 from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
 from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
@@ -188,21 +188,30 @@ def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
             scaled = token_sum * ctx.world_size / max(global_targets, 1)
             (job.scaler.scale(scaled) if job.scaler else scaled).backward()
         loss_sum += float(token_sum.detach())
-    grad_norm, lr = _optimizer_step(job, ctx)
-    (total_loss,) = _all_sum([loss_sum], ctx)
+    (total_loss,) = _all_sum([loss_sum], ctx)  # the same on every rank, so every rank stops together
+    grad_norm, lr = _optimizer_step(job, ctx, step, total_loss / max(global_targets, 1))
     seconds = time.perf_counter() - began
     return {"loss": total_loss / max(global_targets, 1), "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / seconds, "step_seconds": seconds,
             "epoch": float(step // job.plan.steps_per_epoch)}
 
 
-def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
-    """Clip, step, schedule, zero; returns (grad norm before clipping, the learning rate used)."""
+def _optimizer_step(job: Job, ctx: LoopContext, step: int, loss: float) -> tuple[float, float]:
+    """Check, clip, step, schedule, zero; returns (grad norm before clipping, the learning rate used).
+
+    Raises:
+        NonFiniteError: the loss or (without fp16 loss scaling, which skips such steps itself) the gradient
+            norm is NaN or infinite; checked before the step, so no checkpoint ever holds the broken weights.
+    """
     params = [p for p in job.model.parameters() if p.requires_grad]
     max_norm = job.spec.training.max_grad_norm or math.inf
     if job.scaler:
         job.scaler.unscale_(job.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # after DDP's all-reduce: same on all ranks
+    if not math.isfinite(loss) or (job.scaler is None and not math.isfinite(grad_norm)):
+        raise NonFiniteError(f"job {job.spec.name}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                             f"at step {step + 1} (loss {loss}, gradient norm {grad_norm}); training stopped and "
+                             "nothing is registered. Lower training.learning_rate or set training.max_grad_norm.")
     lr = job.scheduler.get_last_lr()[0]
     if job.scaler:
         job.scaler.step(job.optimizer)  # skips the step when the fp16 grads overflowed
