@@ -366,6 +366,9 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                     conn.execute(sa.text(f"ALTER TABLE {tokens.name} ADD COLUMN {name} {kind}"))
             except sa.exc.DBAPIError:  # another process added it first
                 pass
+    with engine.begin() as conn:  # tokens issued before ids existed get theirs, so they can be revoked
+        conn.execute(tokens.update().where(tokens.c.token_id.is_(None)).values(
+            token_id=sa.literal("tok_") + sa.func.substr(tokens.c.token_sha256, 1, 16)))
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:

@@ -98,3 +98,25 @@ def test_tokens_are_stored_as_hashes(store):
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM peftray_api_tokens")) for v in row)
     assert token not in dump and token_hash(token) in dump
+
+
+def test_a_token_table_of_the_first_release_gains_expiry_and_revocation(tmp_path):
+    from peftray.service.auth import authenticate
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with sa.create_engine(url).begin() as conn:  # the table as the first release made it, with one token
+        conn.execute(sa.text("CREATE TABLE peftray_api_tokens (token_sha256 VARCHAR(64) PRIMARY KEY, "
+                             '"user" VARCHAR(100) NOT NULL, is_admin BOOLEAN NOT NULL, created_at FLOAT NOT NULL)'))
+        conn.execute(sa.text("INSERT INTO peftray_api_tokens VALUES (:h, 'old', 0, 1.0)"), {"h": token_hash("ptk_old")})
+    store = JobStore(url)
+    try:
+        assert authenticate("Bearer ptk_old", store, None).user == "old"  # never expires, as before
+        (old,) = store.list_tokens(user="old")
+        assert old["id"] == "tok_" + token_hash("ptk_old")[:16] and old["active"]  # an id to revoke it by
+        new = issue_token(store, "alice", ttl_s=60)
+        assert authenticate(f"Bearer {new['token']}", store, None).user == "alice"
+        assert store.revoke_token(new["id"]) and not store.revoke_token(new["id"])
+        with pytest.raises(Exception, match="revoked"):
+            authenticate(f"Bearer {new['token']}", store, None)
+    finally:
+        store.close()

@@ -85,18 +85,15 @@ def test_read_policy_refuses_paths_outside_the_allowed_roots(queued_service, use
     alice, admin = users["alice"], users["admin"]
     token = alice.http.headers["Authorization"].removeprefix("Bearer ")
     before = len(admin.list(limit=500)["jobs"])
-    link = REPO / "jobs" / "data" / f".link-{uuid.uuid4().hex[:6]}.jsonl"
-    link.symlink_to("/etc/passwd")  # inside an allowed root, pointing out of it
-    try:
-        sources = ["/etc/shadow", "../../etc/passwd", f"{REPO}/jobs/../../../etc/passwd", "file:///etc/passwd",
-                   str(stack.state_dir / "stack.json"), str(link), f"s3://{stack.bucket}/uploads/bob/data.jsonl",
-                   f"s3://{stack.bucket}/uploads/alice/../bob/data.jsonl", "https://example.com/x.jsonl"]
-        for source in sources:
-            _refused(queued_service, token, tiny_spec("reads", tiny_model, dataset={"source": source}), "dataset.source")
-        for path in ("/etc", str(stack.state_dir)):
-            _refused(queued_service, token, tiny_spec("reads", tiny_model, base_model={"path": path}), "base_model.path")
-    finally:
-        link.unlink()
+    link = tmp_path / "link.jsonl"  # inside an allowed root (the session's temp folder), pointing out of it
+    link.symlink_to("/etc/passwd")
+    sources = ["/etc/shadow", "../../etc/passwd", f"{REPO}/jobs/../../../etc/passwd", "file:///etc/passwd",
+               str(stack.state_dir / "stack.json"), str(link), f"s3://{stack.bucket}/uploads/bob/data.jsonl",
+               f"s3://{stack.bucket}/uploads/alice/../bob/data.jsonl", "https://example.com/x.jsonl"]
+    for source in sources:
+        _refused(queued_service, token, tiny_spec("reads", tiny_model, dataset={"source": source}), "dataset.source")
+    for path in ("/etc", str(stack.state_dir)):
+        _refused(queued_service, token, tiny_spec("reads", tiny_model, base_model={"path": path}), "base_model.path")
     assert len(admin.list(limit=500)["jobs"]) == before  # nothing was stored
     allowed = {f"s3://{stack.bucket}/uploads/alice/data.jsonl": None, "imdb": None, "org/some-data": None,
                str(TINY_DATA): str(TINY_DATA), f"file://{TINY_DATA}": str(TINY_DATA)}
