@@ -106,3 +106,16 @@ def test_load_from_mapping_and_flat_params():
     assert flat["registry.tags.team"] == "ml" and flat["adapter.r"] == "8"
     assert flat["adapter.method"] == "lora" and all(isinstance(v, str) for v in flat.values())
     assert load_spec(spec.to_yaml()) == spec
+
+
+def test_fingerprint_is_the_spec_without_its_description():
+    import hashlib
+    import json
+
+    spec = load_spec(BASE)
+    data = spec.model_dump(mode="json")
+    del data["description"]
+    expected = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert spec.fingerprint() == expected
+    assert load_spec(BASE, ["description=other words"]).fingerprint() == expected
+    assert load_spec(BASE, ["training.learning_rate=0.5"]).fingerprint() != expected

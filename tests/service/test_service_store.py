@@ -120,3 +120,27 @@ def test_a_token_table_of_the_first_release_gains_expiry_and_revocation(tmp_path
             authenticate(f"Bearer {new['token']}", store, None)
     finally:
         store.close()
+
+
+def test_refuse_changed_spec_compares_the_owners_earlier_spec(tmp_path):
+    """Issue 14 item 2's flag: the same name with a changed spec is refused (409); the same spec is not."""
+    from peftray.endpoints import load_config
+    from peftray.jobspec import load_spec
+    from peftray.service.admission import admit
+    from peftray.service.auth import Principal
+    from peftray.service.settings import ServiceSettings
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    settings = ServiceSettings(config=load_config(tmp_path), db_url=store.url)
+    spec = load_spec({"name": "same", "base_model": "org/m", "dataset": {"source": "org/d", "format": "text"}})
+    changed = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 1e-3})})
+    alice, bob = Principal("alice", is_admin=True), Principal("bob", is_admin=True)  # admins: no registry call
+    try:
+        store.create_job("alice", "same", spec.model_dump(mode="json"))
+        assert admit(spec, alice, settings, store, refuse_changed_spec=True) == spec
+        assert admit(changed, alice, settings, store) == changed  # without the flag: a new run of the name
+        assert admit(changed, bob, settings, store, refuse_changed_spec=True) == changed  # bob's names are his
+        with pytest.raises(ConflictError, match="different spec"):
+            admit(changed, alice, settings, store, refuse_changed_spec=True)
+    finally:
+        store.close()
