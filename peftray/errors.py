@@ -55,6 +55,12 @@ class StackError(PeftrayError, RuntimeError):
     code = "stack_error"
 
 
+class NonFiniteError(PeftrayError, RuntimeError):
+    """Training produced a NaN or infinite loss or gradient: the job stops as failed and registers nothing."""
+
+    code = "non_finite"
+
+
 class AuthError(PeftrayError):
     """A missing, malformed or unknown API token."""
 

@@ -37,6 +37,8 @@ def register_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="while following, show the progress bar only")
     p.add_argument("--idempotency-key", help="retrying with the same key never creates a second job")
     p.add_argument("--dry-run", action="store_true", help="only validate the spec on the service")
+    p.add_argument("--refuse-changed-spec", action="store_true",
+                   help="refuse if you ran this job name before with a different spec (default: a new run)")
     p.set_defaults(func=_submit)
 
 
@@ -50,7 +52,7 @@ def _submit(args) -> int:
             client.submit(spec, dry_run=True)
             print(f"spec {args.spec} is valid")
             return 0
-        job = client.submit(spec, idempotency_key=args.idempotency_key)
+        job = client.submit(spec, idempotency_key=args.idempotency_key, refuse_changed_spec=args.refuse_changed_spec)
         print(f"submitted job {job['id']} ({job['name']}), {job['state']}", flush=True)
         if not args.wait:
             return 0

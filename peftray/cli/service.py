@@ -1,4 +1,4 @@
-"""`peftray service up | status | down | token USER`: the control plane on the local stack."""
+"""`peftray service up | status | down | token USER | tokens | revoke ID`: the control plane on the local stack."""
 
 from __future__ import annotations
 
@@ -20,7 +20,29 @@ def register(p: argparse.ArgumentParser) -> None:
     tok = sub.add_parser("token", help="issue an API token for a user (needs the admin token)")
     tok.add_argument("user")
     tok.add_argument("--admin", action="store_true", help="give the token admin rights")
+    tok.add_argument("--ttl", type=parse_ttl, help="expire the token after this long: seconds, or 90m, 12h, 30d")
     tok.set_defaults(func=_token)
+    ls = sub.add_parser("tokens", help="list tokens (yours; the admin's lists everyone's)")
+    ls.add_argument("--user", help="only this user's tokens (admin)")
+    ls.set_defaults(func=_tokens)
+    rv = sub.add_parser("revoke", help="revoke a token by its id (from `peftray service tokens`)")
+    rv.add_argument("token_id")
+    rv.set_defaults(func=_revoke)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """`3600`, `90m`, `12h`, `30d` -> seconds."""
+    unit = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--ttl must be a positive duration like 3600, 90m, 12h or 30d; got {text!r}")
+    return value
 
 
 def _up(args) -> int:
@@ -62,10 +84,30 @@ def _down(args) -> int:
     return 0
 
 
-def _token(args) -> int:
+def _client(args):
     from peftray.endpoints import load_config
     from peftray.service.client import ServiceClient
 
-    with ServiceClient.from_config(load_config(args.state_dir)) as client:
-        print(client.create_token(args.user, admin=args.admin))
+    return ServiceClient.from_config(load_config(args.state_dir))
+
+
+def _token(args) -> int:
+    with _client(args) as client:
+        print(client.create_token(args.user, admin=args.admin, ttl_s=args.ttl))
+    return 0
+
+
+def _tokens(args) -> int:
+    with _client(args) as client:
+        rows = client.list_tokens(args.user)
+    print(table(["id", "user", "admin", "created", "expires", "state"],
+                [(t["id"], t["user"], "yes" if t["is_admin"] else "", t["created_at"], t["expires_at"] or "never",
+                  "revoked" if t["revoked_at"] else ("active" if t["active"] else "expired")) for t in rows]))
+    return 0
+
+
+def _revoke(args) -> int:
+    with _client(args) as client:
+        t = client.revoke_token(args.token_id)
+    print(f"revoked {t['id']} ({t['user']}); requests with it now get 401")
     return 0

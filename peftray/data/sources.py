@@ -43,7 +43,7 @@ def load_rows(ds: DatasetSpec, config=None, seed: int = 0) -> SourceRows:
     Raises:
         ConfigError: missing file, unknown file type, unreadable content, or no rows.
     """
-    if _is_file_source(ds.source):
+    if ds.reads_file:
         if ds.eval_split:
             raise ConfigError(f"`dataset.eval_split` applies to hub datasets, got {ds.eval_split!r} for the file "
                               f"{ds.source}; use dataset.eval_fraction instead")
@@ -84,10 +84,6 @@ def split_eval(rows: list, fraction: float, seed: int) -> tuple[tuple[list, list
     train = [pair for i, pair in enumerate(rows) if i not in eval_idx]
     evals = [pair for i, pair in enumerate(rows) if i in eval_idx]
     return ([p[0] for p in train], [p[1] for p in train]), ([p[0] for p in evals], [p[1] for p in evals])
-
-
-def _is_file_source(source: str) -> bool:
-    return source.startswith(("s3://", "/", "./", "../", "file://")) or Path(source).suffix.lower() in FILE_TYPES
 
 
 def _read_bytes(source: str, config) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
@@ -16,7 +17,8 @@ _SLUG_HELP = "lowercase letters, digits, '-' and '_', starting with a letter or 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf/NaN learning rate or alpha would train into NaN weights and still "succeed"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BaseModelSpec(_Strict):
@@ -57,6 +59,9 @@ def peft_config_kwargs(adapter: BaseModel, task: str, base_ref: str | None = Non
 
 
 # ---- data, training, resources, registry -----------------------------------------------------------------
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
 class DatasetSpec(_Strict):
     """Where the rows come from and how they become token ids and labels."""
 
@@ -80,6 +85,12 @@ class DatasetSpec(_Strict):
         None, gt=0, description="preference: a prompt is cut to its last N tokens when prompt + completion is longer "
                                 "than max_seq_len (TRL's max_prompt_length); then the completions are cut")
     packing: bool = Field(False, description="concatenate text rows into max_seq_len blocks (format text)")
+
+    @property
+    def reads_file(self) -> bool:
+        """True when `source` names a file (local or s3://); False for a hub dataset id."""
+        src = self.source
+        return src.startswith(("s3://", "/", "./", "../", "file://")) or src.lower().endswith(DATA_FILE_SUFFIXES)
 
     @model_validator(mode="after")
     def _packing_text_only(self):
@@ -258,6 +269,12 @@ class JobSpec(_Strict):
         flat: dict[str, str] = {}
         _flatten(self.model_dump(mode="json", exclude_none=True), "", flat)
         return flat
+
+    def fingerprint(self) -> str:
+        """sha256 of the spec as canonical JSON, `description` left out: with the owner and the job name, the
+        identity of a run. Any other change (data, hyperparameters, base model) makes a different run."""
+        data = self.model_dump(mode="json", exclude={"description"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

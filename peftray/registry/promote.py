@@ -116,6 +116,21 @@ def alias_state(name: str, alias: str, config: Config | None = None) -> tuple[in
     return (int(version) if version is not None else None), f"{version or '-'}:{seq}"
 
 
+def record_refusal(name: str, alias: str, *, actor: str, error: str, version: int | None = None,
+                   config: Config | None = None) -> dict[str, Any]:
+    """Append a `refused` entry (who tried what, and why not) to the audit log of `name@alias`."""
+    cfg = get_config(config)
+    log = AuditLog(cfg, name, alias)
+    for _ in range(_MAX_TRIES):
+        entries = log.entries()
+        entry = _entry(REFUSED, name, alias, version or 0, None, entries, actor, None)
+        entry["error"] = error
+        if log.append(entry):
+            return entry
+        time.sleep(random.uniform(0.01, 0.1))
+    raise PeftrayError(f"could not record the refusal on {name}@{alias}: {_MAX_TRIES} concurrent writers won first.")
+
+
 def audit_log(name: str, alias: str | None = None, config: Config | None = None) -> list[dict[str, Any]]:
     """The promotion/rollback/refusal records of `name@alias` (every alias when None), oldest first."""
     cfg, _ = _clients(config)

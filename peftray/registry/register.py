@@ -9,6 +9,7 @@ import re
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,7 @@ from peftray.errors import ConfigError, NotFoundError, PeftrayError
 from peftray.registry import types as t
 from peftray.registry.client import (REGISTRY_EXPERIMENT, get_config, mlflow_client, mlflow_errors, s3_path_of,
                                      s3fs_for)
+from peftray.registry.owners import TAG_OWNER, check_owner
 from peftray.registry.types import AdapterVersion
 from peftray.registry.validate import AdapterInfo, validate_adapter_dir
 
@@ -29,6 +31,7 @@ def register_adapter(adapter_dir: str | Path, name: str, *, base_model: str | No
                      base_revision: str | None = None, run_id: str | None = None, job_name: str | None = None,
                      metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
                      dataset_fingerprint: str | None = None, description: str | None = None,
+                     owner: str | None = None, owner_is_admin: bool = False,
                      config: Config | None = None) -> AdapterVersion:
     """Register an adapter folder as a new version of the registered model `name`.
 
@@ -48,6 +51,9 @@ def register_adapter(adapter_dir: str | Path, name: str, *, base_model: str | No
         tags: extra version tags; a `method` tag overrides the method read from the config (e.g. `qlora`).
         dataset_fingerprint: digest of the training data.
         description: free text shown in listings.
+        owner: the user registering (a service job's owner): a new name becomes theirs; a name owned by
+            someone else is refused unless `owner_is_admin`. None: an operator with registry credentials.
+        owner_is_admin: the owner holds admin rights (may add versions under any name).
         config: endpoints; default `load_config()`.
 
     Returns:
@@ -57,9 +63,12 @@ def register_adapter(adapter_dir: str | Path, name: str, *, base_model: str | No
         AdapterFormatError: the folder is not a valid safetensors adapter.
         ConfigError: a bad name, tag or metric.
         NotFoundError: `run_id` does not exist.
+        ForbiddenError: `name` belongs to another user (the refusal is recorded in its audit log).
     """
     cfg = get_config(config)
     check_name(name)
+    claim = Claim(owner, owner_is_admin, cfg)
+    claim.check(name)
     metrics = _check_metrics(metrics or {})
     user_tags = _check_tags(tags or {})
     with local_copy(adapter_dir, cfg) as local:
@@ -70,7 +79,7 @@ def register_adapter(adapter_dir: str | Path, name: str, *, base_model: str | No
             return existing
         vtags = version_tags(info, base_model=base_model, base_revision=base_revision, job_name=job_name,
                              metrics=metrics, user_tags=user_tags, dataset_fingerprint=dataset_fingerprint)
-        return _create(client, cfg, local, name, info, run_id, vtags, description, metrics)
+        return _create(client, cfg, local, name, info, run_id, vtags, description, metrics, claim)
 
 
 def check_name(name: str) -> str:
@@ -160,8 +169,27 @@ def version_tags(info: AdapterInfo, *, base_model, base_revision, job_name, metr
     return tags
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Who registers: checked before any upload, and again once the model exists (two first registrations
+    of one name race; the model's owner tag, written at creation, decides)."""
+
+    owner: str | None
+    is_admin: bool
+    cfg: Config
+
+    def check(self, name: str) -> None:
+        if self.owner is not None:
+            check_owner(name, self.owner, is_admin=self.is_admin, action="register a new version of it",
+                        config=self.cfg)
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_OWNER: self.owner} if self.owner else {}
+
+
 def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_id: str | None,
-            vtags: dict[str, str], description: str | None, metrics: dict[str, float]) -> AdapterVersion:
+            vtags: dict[str, str], description: str | None, metrics: dict[str, float],
+            claim: Claim) -> AdapterVersion:
     """Upload + register; on any failure remove what this call created (run, artifacts, model, version)."""
     from mlflow.exceptions import MlflowException
 
@@ -182,7 +210,8 @@ def _create(client, cfg: Config, local: Path, name: str, info: AdapterInfo, run_
             vtags[t.TAG_S3_URI] = f"s3://{made['s3']}"
         if made["run"]:
             client.set_terminated(made["run"])
-        made["model"] = _ensure_model(client, name)
+        made["model"] = _ensure_model(client, name, claim.tags())
+        claim.check(name)
         mv = client.create_model_version(name, source, run_id=made["run_id"], tags=vtags, description=description)
         first = find_existing(client, name, info.content_sha256, vtags.get(t.TAG_JOB))
         if first is not None and first.version < int(mv.version):
@@ -242,7 +271,7 @@ def _uploaded_to_s3(cfg: Config, s3_path: str | None, info: AdapterInfo) -> bool
     return all(sizes.get(rel) == size for rel, size in info.sizes.items())
 
 
-def _ensure_model(client, name: str) -> bool:
+def _ensure_model(client, name: str, owner_tags: dict[str, str]) -> bool:
     """Create the registered model if needed; True when this call created it."""
     from mlflow.exceptions import MlflowException
 
@@ -252,7 +281,7 @@ def _ensure_model(client, name: str) -> bool:
     except MlflowException:
         pass
     try:
-        client.create_registered_model(name, tags={t.TAG_IS_ADAPTER: "true"})
+        client.create_registered_model(name, tags={t.TAG_IS_ADAPTER: "true", **owner_tags})
         return True
     except MlflowException:  # created concurrently by another registration
         return False

@@ -1,7 +1,9 @@
 """`/v1/adapters`: the registry's list, versions, promote and rollback over HTTP.
 
-Anyone with a token may read the registry. Moving an alias needs the admin token, or a token whose user owns
-a job that registered this adapter name: the team that trains an adapter may promote it.
+Anyone with a token may read the registry. Moving an alias needs the admin token or the adapter's owner (the
+user whose job first registered the name, `peftray.registry.owners`); a refusal is recorded in the audit log.
+Having submitted a job that names the adapter is not enough: that job may have failed, or may be someone
+else's attempt to take the name.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftray import registry
+from peftray.registry.owners import check_owner
 from peftray.service.auth import Principal
 from peftray.service.runtime import state_of
-from peftray.service.store import JobStore
 
 
 class GateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     metric: str
     higher_is_better: bool = True
     threshold: float | None = None
@@ -41,13 +43,9 @@ class RollbackBody(BaseModel):
     reason: str | None = None
 
 
-def _check_may_move(store: JobStore, who: Principal, name: str) -> None:
-    if who.is_admin:
-        return
-    jobs, _ = store.list_jobs(owner=who.user, limit=500)
-    if not any(j.model_name == name or j.spec.get("registry", {}).get("model_name") == name or j.name == name
-               for j in jobs):
-        who.check_admin(f"moving an alias of {name!r} (none of your jobs registered it)")
+def _check_may_move(who: Principal, name: str, alias: str, config) -> None:
+    check_owner(name, who.user, is_admin=who.is_admin, action=f"move its alias {alias!r}", alias=alias,
+                config=config)
 
 
 def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
@@ -70,7 +68,7 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
                       who: Principal = Depends(principal)) -> dict[str, Any]:
         """Point `name@alias` at `version` after the optional metric gate passes (409 if it refuses)."""
         state = state_of(request.app)
-        await run_in_threadpool(_check_may_move, state.store, who, name)
+        await run_in_threadpool(_check_may_move, who, name, body.alias, state.settings.config)
         gate = registry.MetricGate(**body.gate.model_dump()) if body.gate else None
         return await run_in_threadpool(lambda: registry.promote(
             name, body.version, body.alias, gate=gate, actor=who.user, reason=body.reason,
@@ -81,6 +79,6 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
                        who: Principal = Depends(principal)) -> dict[str, Any]:
         """Move `name@alias` back to its previous holder."""
         state = state_of(request.app)
-        await run_in_threadpool(_check_may_move, state.store, who, name)
+        await run_in_threadpool(_check_may_move, who, name, body.alias, state.settings.config)
         return await run_in_threadpool(lambda: registry.rollback(
             name, body.alias, actor=who.user, reason=body.reason, config=state.settings.config))

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from peftray.errors import ConflictError, PeftrayError
+from peftray.errors import ConflictError, NotFoundError, PeftrayError
 from peftray.service import adapters_api
+from peftray.service.admission import admit
 from peftray.service.auth import Principal, authenticate, issue_token
 from peftray.service.executor import RayExecutor
 from peftray.service.intake import read_body, validate_spec
@@ -48,6 +49,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'] if p != 'body')}`: {e['msg']}"
                              for e in exc.errors())
         return JSONResponse(error_body("invalid_request", problems), status_code=422)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError):  # a body nested thousands of levels deep
+        return JSONResponse(error_body("invalid_request", "request body is nested too deeply; send the fields "
+                                       "as documented"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
@@ -86,9 +92,10 @@ def _owned_job(request: Request, job_id: str, who: Principal) -> JobRecord:
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     user: str = Field(description="user name the token acts as")
     admin: bool = Field(False, description="give the token admin rights")
+    ttl_s: float | None = Field(None, gt=0, description="seconds until the token expires; none = never")
 
 
 def create_app(settings: ServiceSettings | None = None, manage_state: bool = True) -> FastAPI:
@@ -125,27 +132,51 @@ def create_app(settings: ServiceSettings | None = None, manage_state: bool = Tru
     def whoami(who: Principal = Depends(principal)) -> dict[str, Any]:
         return {"user": who.user, "is_admin": who.is_admin}
 
+    _token_routes(app)
+    return app
+
+
+def _token_routes(app: FastAPI) -> None:
     @app.post("/v1/tokens", status_code=201, tags=["service"])
     def create_token(body: TokenRequest, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         """Issue an API token for a user (admin only). The token is shown once; only its sha256 is stored."""
         who.check_admin("issuing tokens")
-        return {"user": body.user, "token": issue_token(state_of(request.app).store, body.user, body.admin)}
+        return issue_token(state_of(request.app).store, body.user, body.admin, body.ttl_s)
 
-    return app
+    @app.get("/v1/tokens", tags=["service"])
+    def list_tokens(request: Request, user: str | None = None,
+                    who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Tokens (id, user, expiry, revocation; never the token): a user sees their own, the admin everyone's."""
+        if not who.is_admin:
+            user = who.user
+        return {"tokens": state_of(request.app).store.list_tokens(user=user)}
+
+    @app.delete("/v1/tokens/{token_id}", tags=["service"])
+    def revoke_token(token_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Revoke a token: requests with it get 401 from now on. A user may revoke their own tokens."""
+        store = state_of(request.app).store
+        found = store.list_tokens(token_id=token_id)
+        if not found or (not who.is_admin and found[0]["user"] != who.user):
+            raise NotFoundError(f"no token {token_id!r} of yours; list them with `peftray service tokens`")
+        store.revoke_token(token_id)
+        return store.list_tokens(token_id=token_id)[0]
 
 
 def _job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", tags=["jobs"], status_code=201)
-    async def submit_job(request: Request, dry_run: bool = False,
+    async def submit_job(request: Request, dry_run: bool = False, refuse_changed_spec: bool = False,
                          who: Principal = Depends(principal)) -> JSONResponse:
         """Submit a job spec (JSON, or YAML with any other content type).
 
         Send an `Idempotency-Key` header to make retries safe: the same key (per user) returns the job the
         first request created (200) instead of making another (201). `?dry_run=true` only validates.
+        `?refuse_changed_spec=true` refuses (409) a name you used before for a different spec; without it, a
+        changed spec under the same name is a new run (its own checkpoints and MLflow run).
         """
         state = state_of(request.app)
         body = await read_body(request.stream(), request.headers.get("content-length"), state.settings.max_body_bytes)
         spec = validate_spec(body, request.headers.get("content-type"))
+        spec = await run_in_threadpool(admit, spec, who, state.settings, state.store, refuse_changed_spec)
         spec_json = spec.model_dump(mode="json")
         if dry_run:
             return JSONResponse({"valid": True, "spec": spec_json}, status_code=200)

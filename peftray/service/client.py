@@ -68,16 +68,17 @@ class ServiceClient:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def submit(self, spec: dict[str, Any] | str, idempotency_key: str | None = None,
-               dry_run: bool = False) -> dict[str, Any]:
-        """Submit a spec (a mapping, sent as JSON, or YAML text). A key (default: a fresh one) makes retries safe."""
+               dry_run: bool = False, refuse_changed_spec: bool = False) -> dict[str, Any]:
+        """Submit a spec (a mapping, sent as JSON, or YAML text). A key (default: a fresh one) makes retries safe;
+        `refuse_changed_spec` refuses (409) a name this user ran before with a different spec."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         if isinstance(spec, str):
             headers["Content-Type"] = "application/yaml"
             kwargs: dict[str, Any] = {"content": spec.encode()}
         else:
             kwargs = {"json": spec}
-        return self.request("POST", "/v1/jobs", params={"dry_run": "true"} if dry_run else None,
-                            headers=headers, **kwargs)
+        params = {k: "true" for k, on in (("dry_run", dry_run), ("refuse_changed_spec", refuse_changed_spec)) if on}
+        return self.request("POST", "/v1/jobs", params=params or None, headers=headers, **kwargs)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")
@@ -120,8 +121,19 @@ class ServiceClient:
     def rollback(self, name: str, alias: str, reason: str | None = None) -> dict[str, Any]:
         return self.request("POST", f"/v1/adapters/{name}/rollback", json={"alias": alias, "reason": reason})
 
-    def create_token(self, user: str, admin: bool = False) -> str:
-        return self.request("POST", "/v1/tokens", json={"user": user, "admin": admin})["token"]
+    def create_token(self, user: str, admin: bool = False, ttl_s: float | None = None) -> str:
+        """A new token for `user` (admin only); `ttl_s` seconds until it expires (None: never)."""
+        return self.issue_token(user, admin, ttl_s)["token"]
+
+    def issue_token(self, user: str, admin: bool = False, ttl_s: float | None = None) -> dict[str, Any]:
+        """Like `create_token`, returning the whole record: token, id, user, expires_at."""
+        return self.request("POST", "/v1/tokens", json={"user": user, "admin": admin, "ttl_s": ttl_s})
+
+    def list_tokens(self, user: str | None = None) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/tokens", params={"user": user} if user else None)["tokens"]
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/tokens/{token_id}")
 
 
 def _raise_for(resp: httpx.Response) -> None:

@@ -69,16 +69,19 @@ class RayExecutor:
         env.update({"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"})
         return {"env_vars": env}
 
-    def entrypoint(self, job_id: str) -> str:
-        parts = [self.settings.job_python, "-m", "peftray.train", "--spec", self.spec_uri(job_id), "--job-id", job_id]
+    def entrypoint(self, job_id: str, owner: str, owner_is_admin: bool = False) -> str:
+        """The driver's command: the stored spec, the job id and the owner (whose adapter names it may write
+        and under whose prefix its run and checkpoints live). Names only: no secret is on a command line."""
+        parts = [self.settings.job_python, "-m", "peftray.train", "--spec", self.spec_uri(job_id), "--job-id", job_id,
+                 "--owner", owner, *(["--owner-is-admin"] if owner_is_admin else [])]
         return " ".join(shlex.quote(p) for p in parts)
 
-    def submit(self, job_id: str, owner: str, spec: dict[str, Any]) -> str:
+    def submit(self, job_id: str, owner: str, spec: dict[str, Any], owner_is_admin: bool = False) -> str:
         """Store the spec at `spec_uri(job_id)` and start the Ray job. Returns the Ray submission id."""
         fs = self.config.s3fs()
         fs.pipe_file(self.spec_uri(job_id)[len("s3://"):], json.dumps(spec, indent=1).encode())
         return self.client.submit_job(
-            entrypoint=self.entrypoint(job_id),
+            entrypoint=self.entrypoint(job_id, owner, owner_is_admin),
             submission_id=self.submission_id(job_id),
             runtime_env=self.runtime_env(),
             metadata={"peftray_job_id": job_id, "peftray_owner": owner},

@@ -24,6 +24,11 @@ EXECUTION_KEYS = frozenset({
 })
 
 
+# Deeper than any real spec (5 levels) by far; a parser or validator recursing 1000 levels deep would fail
+# with RecursionError (a 500) instead of telling the sender what is wrong.
+MAX_DEPTH = 32
+
+
 class BodyTooLargeError(PeftrayError):
     code = "body_too_large"
     http_status = 413
@@ -63,19 +68,34 @@ def parse_document(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise ConfigError("job spec must be UTF-8 text (JSON or YAML)") from None
     if not text.strip():
         raise ConfigError("empty request body: send a job spec as JSON or YAML")
-    if (content_type or "").split(";")[0].strip().lower() == "application/json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"job spec is not valid JSON: {exc}") from None
-    else:
-        try:
-            data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"job spec is not valid YAML: {exc}") from None
+    is_json = (content_type or "").split(";")[0].strip().lower() == "application/json"
+    kind = "JSON" if is_json else "YAML"
+    try:
+        data = json.loads(text) if is_json else yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"job spec is not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise too_deep(kind) from None
+    check_depth(data, kind)
     if not isinstance(data, dict):
         raise ConfigError(f"job spec must be a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def too_deep(kind: str) -> ConfigError:
+    return ConfigError(f"job spec {kind} is nested more than {MAX_DEPTH} levels deep; a job spec has about 5. "
+                       "Send the spec's fields as documented (`peftray submit --dry-run` checks a spec).")
+
+
+def check_depth(data: Any, kind: str) -> None:
+    """Raise ConfigError when `data` nests deeper than MAX_DEPTH (checked without recursion)."""
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise too_deep(kind)
+            todo += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
 
 
 def reject_execution_keys(data: Any, path: str = "") -> None:

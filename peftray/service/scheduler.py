@@ -87,7 +87,7 @@ class Scheduler:
             self.store.transition(job.id, CANCELLED, "cancelled before it reached Ray", [STARTING])
             return
         try:
-            ray_id = self.executor.submit(job.id, job.owner, job.spec)
+            ray_id = self.executor.submit(job.id, job.owner, job.spec, self.store.user_is_admin(job.owner))
         except Exception as exc:  # noqa: BLE001 - any failure to hand over is the job's failure, said plainly
             self.store.transition(job.id, FAILED, "could not submit the job to Ray", [STARTING],
                                   error=f"{type(exc).__name__}: {exc}"[-ERROR_CHARS:])

@@ -9,6 +9,8 @@
 | `PEFTRAY_SERVICE_MAX_BODY_BYTES` | largest request body accepted | 1 MiB |
 | `PEFTRAY_SERVICE_POLL_S` | how often the scheduler asks Ray about jobs | 1.0 |
 | `PEFTRAY_JOB_PYTHON` | python executable of the job driver on the cluster | this interpreter |
+| `PEFTRAY_SERVICE_READ_ROOTS` | folders and s3:// prefixes every user's jobs may read (comma-separated) | none |
+| `PEFTRAY_SERVICE_READ_POLICY` | YAML file `{roots: [...], users: {alice: [...]}}` (see `read_policy`) | none |
 
 Endpoints and credentials of S3, MLflow and Ray come from `peftray.endpoints.load_config()` as everywhere else.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from peftray.endpoints import Config, load_config
 from peftray.errors import ConfigError
+from peftray.service.read_policy import ReadPolicy
 
 
 def _int_env(name: str, default: int) -> int:
@@ -49,6 +52,10 @@ class ServiceSettings:
     poll_s: float = 1.0
     job_python: str = field(default_factory=lambda: sys.executable)
     run_scheduler: bool = True
+    read_policy: ReadPolicy | None = None  # None: users read only their upload prefix and hub ids
+
+    def policy(self) -> ReadPolicy:
+        return self.read_policy or ReadPolicy(self.config.bucket, denied=_private_dirs(self.config, self.db_url))
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":
@@ -68,4 +75,13 @@ class ServiceSettings:
             max_body_bytes=_int_env("PEFTRAY_SERVICE_MAX_BODY_BYTES", 1 << 20),
             poll_s=poll_s,
             job_python=os.environ.get("PEFTRAY_JOB_PYTHON") or sys.executable,
+            read_policy=ReadPolicy.from_env(config.bucket, _private_dirs(config, db_url)),
         )
+
+
+def _private_dirs(config: Config, db_url: str) -> tuple[str, ...]:
+    """Folders no user's job may read: the stack's state (its secrets) and a SQLite job store's folder."""
+    dirs = [str(config.state_dir)]
+    if db_url.startswith("sqlite:///"):
+        dirs.append(os.path.dirname(os.path.abspath(db_url[len("sqlite:///"):])))
+    return tuple(dirs)

@@ -21,6 +21,7 @@ from peftray.errors import ConflictError, NotFoundError
 QUEUED, STARTING, RUNNING = "queued", "starting", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 ACTIVE = (STARTING, RUNNING)
+ADMIN_USER = "admin"  # the user the admin token (from the settings) acts as
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, *ACTIVE, *TERMINAL)
 
@@ -68,7 +69,12 @@ tokens = sa.Table(
     sa.Column("user", sa.String(100), nullable=False, index=True),
     sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("token_id", sa.String(40), index=True),  # public handle for listing and revoking
+    sa.Column("expires_at", sa.Float),  # None: never
+    sa.Column("revoked_at", sa.Float),
 )
+# Columns added after the first release: a database created before gets them on open (ALTER TABLE ADD).
+_ADDED_TOKEN_COLUMNS = ("token_id", "expires_at", "revoked_at")
 # One row; claiming a queued job first bumps it, which serialises claims across threads, processes and replicas.
 claim_lock = sa.Table("peftray_scheduler_lock", meta, sa.Column("id", sa.Integer, primary_key=True),
                       sa.Column("n", sa.Integer, nullable=False))
@@ -151,6 +157,7 @@ class JobStore:
         self.url = url
         self.engine = _engine(url)
         meta.create_all(self.engine)
+        _add_missing_columns(self.engine)
         with self.engine.begin() as conn:
             if conn.execute(sa.select(claim_lock.c.id)).first() is None:
                 try:
@@ -308,17 +315,60 @@ class JobStore:
         return self.get(row.id)
 
     # ---- tokens ---------------------------------------------------------------------------------------------
-    def add_token(self, user: str, token_sha256: str, is_admin: bool = False) -> None:
+    def add_token(self, user: str, token_sha256: str, is_admin: bool = False,
+                  expires_at: float | None = None) -> dict[str, Any]:
+        """Store a token's hash; returns its public record (id, user, is_admin, created_at, expires_at)."""
+        token_id = "tok_" + token_sha256[:16]  # a handle derived from the hash: it reveals nothing of the token
         with self.engine.begin() as conn:
             conn.execute(tokens.insert().values(token_sha256=token_sha256, user=user, is_admin=is_admin,
-                                                created_at=time.time()))
+                                                created_at=time.time(), token_id=token_id, expires_at=expires_at))
+        return self.list_tokens(token_id=token_id)[0]
 
-    def token_owner(self, token_sha256: str) -> tuple[str, bool] | None:
-        """(user, is_admin) of a token hash, or None."""
+    def token_row(self, token_sha256: str) -> Any | None:
+        """The stored row of a token hash (user, is_admin, expires_at, revoked_at), or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tokens.c.user, tokens.c.is_admin)
-                               .where(tokens.c.token_sha256 == token_sha256)).first()
-        return (row.user, bool(row.is_admin)) if row else None
+            return conn.execute(sa.select(tokens).where(tokens.c.token_sha256 == token_sha256)).first()
+
+    def list_tokens(self, user: str | None = None, token_id: str | None = None) -> list[dict[str, Any]]:
+        """Public records of tokens (never the hash), oldest first; optionally one user's or one id."""
+        q = sa.select(tokens.c.token_id, tokens.c.user, tokens.c.is_admin, tokens.c.created_at,
+                      tokens.c.expires_at, tokens.c.revoked_at).order_by(tokens.c.created_at)
+        if user is not None:
+            q = q.where(tokens.c.user == user)
+        if token_id is not None:
+            q = q.where(tokens.c.token_id == token_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        now = time.time()
+        return [{"id": r.token_id, "user": r.user, "is_admin": bool(r.is_admin), "created_at": iso(r.created_at),
+                 "expires_at": iso(r.expires_at), "revoked_at": iso(r.revoked_at),
+                 "active": r.revoked_at is None and (r.expires_at is None or r.expires_at > now)} for r in rows]
+
+    def user_is_admin(self, user: str) -> bool:
+        """True for the admin token's user and for a user holding an active admin token."""
+        return user == ADMIN_USER or any(t["is_admin"] and t["active"] for t in self.list_tokens(user=user))
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Mark a token revoked (from the next request on); False when it was unknown or already revoked."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(tokens.update().where(tokens.c.token_id == token_id,
+                                                           tokens.c.revoked_at.is_(None))
+                                     .values(revoked_at=time.time())).rowcount)
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    have = {c["name"] for c in sa.inspect(engine).get_columns(tokens.name)}
+    for name in _ADDED_TOKEN_COLUMNS:
+        if name not in have:
+            kind = tokens.c[name].type.compile(engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {tokens.name} ADD COLUMN {name} {kind}"))
+            except sa.exc.DBAPIError:  # another process added it first
+                pass
+    with engine.begin() as conn:  # tokens issued before ids existed get theirs, so they can be revoked
+        conn.execute(tokens.update().where(tokens.c.token_id.is_(None)).values(
+            token_id=sa.literal("tok_") + sa.func.substr(tokens.c.token_sha256, 1, 16)))
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:

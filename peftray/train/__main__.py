@@ -18,12 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftray.train", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="job spec: a YAML file path or an s3:// URI")
     parser.add_argument("--job-id", help="control-plane job id (recorded on the MLflow run)")
+    parser.add_argument("--owner", help="the user the job runs for (the service sets it): its run identity and "
+                                        "the owner of the adapter names it registers")
+    parser.add_argument("--owner-is-admin", action="store_true", help="the owner may register under any name")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.max_steps=10")
     args = parser.parse_args(argv)
     from peftray.train import run_job
 
     try:
-        result = run_job(args.spec, overrides=args.overrides, job_id=args.job_id)
+        result = run_job(args.spec, overrides=args.overrides, job_id=args.job_id, owner=args.owner,
+                         owner_is_admin=args.owner_is_admin)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

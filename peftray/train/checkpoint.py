@@ -1,6 +1,6 @@
 """Training checkpoints: the adapter (HF-PEFT folder) + optimizer + scheduler + step + RNG, in one folder.
 
-Layout of a checkpoint folder (uploaded by Ray Train to `<bucket>/train/<job name>/checkpoint_*`):
+Layout of a checkpoint folder (uploaded by Ray Train to `<bucket>/train/<owner>/<job name>-<spec fp>/checkpoint_*`):
     adapter/adapter_config.json, adapter/adapter_model.safetensors   what gets registered at the end
     trainer_state.pt   {"step", "trainable", "optimizer", "scheduler", "rng"}; loaded with weights_only=True
     reference_logps.safetensors   dpo with `reference: precomputed`: the reference log-probs, so a resumed

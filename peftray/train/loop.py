@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from peftray.data import BatchPlan, PreparedData, eval_batches, prepare_data, total_steps
-from peftray.errors import ConfigError
+from peftray.errors import ConfigError, NonFiniteError
 from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
 from peftray.train.objectives import Step, needs_reference_table, objective_of
@@ -189,8 +189,8 @@ def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
                 scaled, part = objective.loss(Step(job.ddp, job.model, on_device, counts, ctx.world_size, job.spec))
             (job.scaler.scale(scaled) if job.scaler else scaled).backward()
         sums = _add([sums, part])
-    grad_norm, lr = _optimizer_step(job, ctx)
-    metrics = objective.metrics(_all_sum_dict(sums, ctx), counts, job.spec, False)
+    metrics = objective.metrics(_all_sum_dict(sums, ctx), counts, job.spec, False)  # the same on every rank
+    grad_norm, lr = _optimizer_step(job, ctx, step, metrics["loss"])  # so every rank stops together
     seconds = time.perf_counter() - began
     return {**metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / seconds,
             "step_seconds": seconds, "epoch": float(step // job.plan.steps_per_epoch)}
@@ -209,13 +209,22 @@ def _all_sum_dict(values: dict[str, float], ctx: LoopContext) -> dict[str, float
     return dict(zip(keys, _all_sum([values[k] for k in keys], ctx)))
 
 
-def _optimizer_step(job: Job, ctx: LoopContext) -> tuple[float, float]:
-    """Clip, step, schedule, zero; returns (grad norm before clipping, the learning rate used)."""
+def _optimizer_step(job: Job, ctx: LoopContext, step: int, loss: float) -> tuple[float, float]:
+    """Check, clip, step, schedule, zero; returns (grad norm before clipping, the learning rate used).
+
+    Raises:
+        NonFiniteError: the loss or (without fp16 loss scaling, which skips such steps itself) the gradient
+            norm is NaN or infinite; checked before the step, so no checkpoint ever holds the broken weights.
+    """
     params = [p for p in job.model.parameters() if p.requires_grad]
     max_norm = job.spec.training.max_grad_norm or math.inf
     if job.scaler:
         job.scaler.unscale_(job.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # after DDP's all-reduce: same on all ranks
+    if not math.isfinite(loss) or (job.scaler is None and not math.isfinite(grad_norm)):
+        raise NonFiniteError(f"job {job.spec.name}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                             f"at step {step + 1} (loss {loss}, gradient norm {grad_norm}); training stopped and "
+                             "nothing is registered. Lower training.learning_rate or set training.max_grad_norm.")
     lr = job.scheduler.get_last_lr()[0]
     if job.scaler:
         job.scaler.step(job.optimizer)  # skips the step when the fp16 grads overflowed

@@ -20,6 +20,7 @@ from peftray.train import checkpoint
 from peftray.train.loop import check_precision
 from peftray.train.model import check_quantization, load_tokenizer, resolve_base
 from peftray.train.scaling import check_cluster, scaling_config, torch_backend
+from peftray.train.tracking import OPERATOR
 
 
 class TrainingError(PeftrayError, RuntimeError):
@@ -83,8 +84,18 @@ def preflight(spec: JobSpec, cfg: Config) -> str:
     return data.fingerprint
 
 
-def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | None = None):
-    """The `TorchTrainer` for a job; checkpoints under `<storage>/<job name>` (default `<bucket>/train`)."""
+def run_folder(spec: JobSpec, owner: str | None) -> tuple[str, str]:
+    """(storage path, run name) of a job's checkpoints: `train/<owner>/<name>-<spec fingerprint>`.
+
+    Ray Train resumes from whatever checkpoint is in that folder, so the folder is the run's identity: a job
+    resumes only its own owner's checkpoints of the very same spec.
+    """
+    return f"train/{owner or OPERATOR}", f"{spec.name}-{spec.fingerprint()[:16]}"
+
+
+def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | None = None,
+                 owner: str | None = None):
+    """The `TorchTrainer` for a job; checkpoints under `<bucket>/<run_folder>` (or `<storage>/<run name>`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -92,8 +103,9 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
 
     # No secrets: Ray keeps the loop config; workers inherit the credentials from their node (or the state file).
     env = cfg.public_env()
+    prefix, name = run_folder(spec, owner)
     run_config = RunConfig(
-        name=spec.name, storage_path=storage or f"{cfg.bucket}/train",
+        name=name, storage_path=storage or f"{cfg.bucket}/{prefix}",
         storage_filesystem=checkpoint.storage_filesystem(cfg),
         failure_config=FailureConfig(max_failures=spec.training.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -106,7 +118,7 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
 
 
 def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrides: list[str] = (),
-            job_id: str | None = None) -> TrainResult:
+            job_id: str | None = None, owner: str | None = None, owner_is_admin: bool = False) -> TrainResult:
     """Train a job spec on Ray Train and register the adapter.
 
     Args:
@@ -114,6 +126,9 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
         config: endpoints (S3, MLflow, Ray); default `load_config()`.
         overrides: `key=value` overrides when `spec` is not a `JobSpec` yet.
         job_id: the control plane's job id, recorded as an MLflow tag.
+        owner: the user the job runs for (set by the service): with the job name and the spec fingerprint,
+            the run's identity; and the owner of a new adapter name (`owner_is_admin`: any name may be
+            written). None: an operator running `peftray train` with the stack's credentials.
 
     Returns:
         The `TrainResult`: MLflow run id, registered model name + version, final metrics, adapter URI.
@@ -122,21 +137,26 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
         ConfigError: a bad spec, missing data, wrong columns, too-short max_seq_len, use_gpu without GPUs, ...
             all raised before any MLflow run or worker exists.
         TrainingError: the workers failed more often than `training.max_failures`.
+        ForbiddenError: `owner` may not register under the spec's model name (before anything started).
     """
     from peftray.registry.client import mlflow_client
+    from peftray.registry.owners import check_owner
 
     spec = spec if isinstance(spec, JobSpec) else load_spec(spec, list(overrides))
     cfg = config or load_config()
     spec = _absolute_paths(spec)
     connect_ray(cfg)
     fingerprint = preflight(spec, cfg)
+    if owner is not None:  # fail before training, not after: the name may be someone else's
+        check_owner(spec.model_name, owner, is_admin=owner_is_admin, action="register a new version of it",
+                    config=cfg)
     client = mlflow_client(cfg)
     from peftray.train.tracking import close_run, open_run
 
-    run_id = open_run(client, spec, fingerprint, job_id)
+    run_id = open_run(client, spec, fingerprint, job_id, owner)
     try:
-        result = make_trainer(spec, cfg, run_id).fit()
-        out = _register(spec, cfg, run_id, result, fingerprint)
+        result = make_trainer(spec, cfg, run_id, owner=owner).fit()
+        out = _register(spec, cfg, run_id, result, fingerprint, (owner, owner_is_admin))
     except BaseException:
         close_run(client, run_id, ok=False)
         raise
@@ -144,7 +164,8 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
     return out
 
 
-def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str) -> TrainResult:
+def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str,
+              owner: tuple[str | None, bool]) -> TrainResult:
     from peftray.registry import register_adapter
 
     if result.error is not None or result.checkpoint is None:
@@ -157,7 +178,8 @@ def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str)
         version = register_adapter(
             Path(folder) / "adapter", spec.model_name, base_model=spec.base_model.path,
             base_revision=spec.base_model.revision, run_id=run_id, job_name=spec.name, metrics=registry_metrics,
-            tags=_version_tags(spec), dataset_fingerprint=fingerprint, description=spec.description, config=cfg)
+            tags=_version_tags(spec), dataset_fingerprint=fingerprint, description=spec.description,
+            owner=owner[0], owner_is_admin=owner[1], config=cfg)
     out = TrainResult(run_id=run_id, model_name=version.name, version=version.version, metrics=metrics,
                       adapter_uri=version.tags.get("peftray.s3_uri") or version.source, job_name=spec.name)
     _promote(spec, cfg, out)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict
 class MethodSpec(BaseModel):
     """An `adapter:` section. Subclasses declare `method: Literal["name"] = "name"` and HF PEFT's field names."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf/NaN alpha or dropout would train into NaN weights and still "succeed"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @classmethod
     def describes(cls, config: dict[str, Any]) -> bool:

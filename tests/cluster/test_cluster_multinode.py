@@ -51,7 +51,10 @@ def test_training_spans_two_nodes_and_survives_losing_one(ft_cluster, tiny_model
     node_b = start_node(cfg, "node-b", num_cpus=1, resources={"node_b": 1}, tmp=tmp_path)
     name = f"mn{uuid.uuid4().hex[:8]}"
     _job_spec(tmp_path / "job.yaml", name, tiny_model)
-    storage, fs = f"{cfg.bucket}/train/{name}", cfg.s3fs()
+    from peftray.jobspec import load_spec
+    from peftray.train.run import run_folder
+
+    storage, fs = f"{cfg.bucket}/" + "/".join(run_folder(load_spec(str(tmp_path / "job.yaml")), None)), cfg.s3fs()
     driver = None
     try:
         node_b_id = node_b.node_id

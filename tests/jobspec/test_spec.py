@@ -72,6 +72,11 @@ def test_shorthands():
     (["quantization=4bit", "adapter=prompt_tuning"], ["quantization", "prompt_tuning"]),
     (["training"], ["key=value"]),
     (["adapter.r.x=1"], ["adapter.r", "not a section"]),
+    (["training.learning_rate=.inf"], ["`training.learning_rate`", "finite"]),
+    (["training.max_grad_norm=.nan"], ["`training.max_grad_norm`", "finite"]),
+    (["adapter.lora_alpha=-.inf"], ["`adapter.lora_alpha`", "finite"]),
+    (["dataset.eval_fraction=.nan"], ["`dataset.eval_fraction`", "finite"]),
+    (["adapter.alpha_pattern={q_proj: .inf}"], ["`adapter.alpha_pattern.q_proj`", "finite"]),
 ])
 def test_bad_specs_name_field_value_and_allowed(override, needles):
     with pytest.raises(ConfigError) as info:
@@ -113,3 +118,16 @@ def test_local_paths_are_pinned_where_they_exist_and_nothing_else_is(tmp_path, m
     assert pin_local_path("model", (tmp_path / "spec_dir", tmp_path)) == str(tmp_path / "spec_dir" / "model")
     for untouched in ("gpt2", "org/model", "s3://bucket/model", "/abs/elsewhere", 5, None):
         assert pin_local_path(untouched) == untouched
+
+
+def test_fingerprint_is_the_spec_without_its_description():
+    import hashlib
+    import json
+
+    spec = load_spec(BASE)
+    data = spec.model_dump(mode="json")
+    del data["description"]
+    expected = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert spec.fingerprint() == expected
+    assert load_spec(BASE, ["description=other words"]).fingerprint() == expected
+    assert load_spec(BASE, ["training.learning_rate=0.5"]).fingerprint() != expected

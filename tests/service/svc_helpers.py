@@ -14,6 +14,8 @@ def launch(stack, folder: Path, admin_token: str | None = None, **settings) -> S
     """A service process on the session stack; settings are PEFTRAY_SERVICE_<NAME> values."""
     env = {f"PEFTRAY_SERVICE_{k.upper()}": str(v) for k, v in settings.items()}
     env.setdefault("PEFTRAY_SERVICE_POLL_S", "0.3")
+    # users' jobs read the repo's example data and the session's tiny models (the folder above `folder`)
+    env.setdefault("PEFTRAY_SERVICE_READ_ROOTS", f"{REPO / 'jobs'},{Path(folder).absolute().parent}")
     return start_service(folder, env, admin_token=admin_token, state_dir=stack.state_dir)
 
 

@@ -78,6 +78,14 @@ BAD_INPUTS = [
     ("oversized body", "x" * (2 << 20), "application/yaml", 413, "limit"),
     ("not a mapping", "[1, 2]", "application/yaml", 400, "mapping"),
     ("YAML alias bomb", "a: &a [1, 1]\nb: [*a, *a]\n", "application/yaml", 400, "alias"),
+    # non-finite floats (Python's json writes Infinity/NaN, which its parser, and so the service's, accepts)
+    ("infinite learning rate", {"training": {"max_steps": 4, "learning_rate": float("inf")}}, None, 400,
+     "`training.learning_rate`"),
+    ("NaN lora_alpha", {"adapter": {"method": "lora", "lora_alpha": float("nan")}}, None, 400, "`adapter.lora_alpha`"),
+    ("YAML .inf", "name: x\nbase_model: m\ndataset: {source: d.jsonl, format: text}\ntraining: {learning_rate: .inf}\n",
+     "application/yaml", 400, "`training.learning_rate`"),
+    ("deep JSON", '{"a":' * 5000 + "1" + "}" * 5000, "application/json", 400, "nested more than"),
+    ("deep YAML", "a: " + "[" * 5000 + "]" * 5000 + "\n", "application/yaml", 400, "nested more than"),
 ]
 
 

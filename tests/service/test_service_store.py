@@ -91,9 +91,56 @@ def test_list_is_paginated_newest_first_and_filtered(store):
 
 
 def test_tokens_are_stored_as_hashes(store):
-    token = issue_token(store, "alice")
-    assert store.token_owner(token_hash(token)) == ("alice", False)
-    assert store.token_owner(token_hash(token + "x")) is None
+    token = issue_token(store, "alice")["token"]
+    row = store.token_row(token_hash(token))
+    assert (row.user, bool(row.is_admin)) == ("alice", False)
+    assert store.token_row(token_hash(token + "x")) is None
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM peftray_api_tokens")) for v in row)
     assert token not in dump and token_hash(token) in dump
+
+
+def test_a_token_table_of_the_first_release_gains_expiry_and_revocation(tmp_path):
+    from peftray.service.auth import authenticate
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with sa.create_engine(url).begin() as conn:  # the table as the first release made it, with one token
+        conn.execute(sa.text("CREATE TABLE peftray_api_tokens (token_sha256 VARCHAR(64) PRIMARY KEY, "
+                             '"user" VARCHAR(100) NOT NULL, is_admin BOOLEAN NOT NULL, created_at FLOAT NOT NULL)'))
+        conn.execute(sa.text("INSERT INTO peftray_api_tokens VALUES (:h, 'old', 0, 1.0)"), {"h": token_hash("ptk_old")})
+    store = JobStore(url)
+    try:
+        assert authenticate("Bearer ptk_old", store, None).user == "old"  # never expires, as before
+        (old,) = store.list_tokens(user="old")
+        assert old["id"] == "tok_" + token_hash("ptk_old")[:16] and old["active"]  # an id to revoke it by
+        new = issue_token(store, "alice", ttl_s=60)
+        assert authenticate(f"Bearer {new['token']}", store, None).user == "alice"
+        assert store.revoke_token(new["id"]) and not store.revoke_token(new["id"])
+        with pytest.raises(Exception, match="revoked"):
+            authenticate(f"Bearer {new['token']}", store, None)
+    finally:
+        store.close()
+
+
+def test_refuse_changed_spec_compares_the_owners_earlier_spec(tmp_path):
+    """Issue 14 item 2's flag: the same name with a changed spec is refused (409); the same spec is not."""
+    from peftray.endpoints import load_config
+    from peftray.jobspec import load_spec
+    from peftray.service.admission import admit
+    from peftray.service.auth import Principal
+    from peftray.service.settings import ServiceSettings
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    settings = ServiceSettings(config=load_config(tmp_path), db_url=store.url)
+    spec = load_spec({"name": "same", "base_model": "org/m", "dataset": {"source": "org/d", "format": "text"}})
+    changed = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 1e-3})})
+    alice, bob = Principal("alice", is_admin=True), Principal("bob", is_admin=True)  # admins: no registry call
+    try:
+        store.create_job("alice", "same", spec.model_dump(mode="json"))
+        assert admit(spec, alice, settings, store, refuse_changed_spec=True) == spec
+        assert admit(changed, alice, settings, store) == changed  # without the flag: a new run of the name
+        assert admit(changed, bob, settings, store, refuse_changed_spec=True) == changed  # bob's names are his
+        with pytest.raises(ConflictError, match="different spec"):
+            admit(changed, alice, settings, store, refuse_changed_spec=True)
+    finally:
+        store.close()

@@ -146,3 +146,26 @@ def test_newest_complete_stored_checkpoint_wins(tmp_path):
     fs = pafs.LocalFileSystem()
     assert checkpoint.step_of(newest_stored_checkpoint(str(root), fs).path) == 10
     assert newest_stored_checkpoint(str(tmp_path / "no-such-run"), fs) is None
+
+
+def test_submit_cli_refuses_a_non_finite_float_without_a_traceback():
+    # refused while loading the spec, before any service is contacted (none runs here)
+    proc = subprocess.run([sys.executable, "-m", "peftray", "submit", "jobs/tiny-lora-instruct.yaml",
+                           "training.learning_rate=.inf", "--no-wait"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "`training.learning_rate`" in proc.stderr and "finite" in proc.stderr, proc.stderr
+
+
+def test_non_finite_loss_stops_the_loop_naming_the_step(tiny_model, tmp_path):
+    """A learning rate of 1e38 is finite (the spec accepts it) but blows the weights up: step 2's loss is NaN."""
+    from peftray.errors import NonFiniteError
+    from peftray.train.local import run_local
+
+    spec = load_spec("jobs/tiny-lora-instruct.yaml", [
+        f"base_model.path={tiny_model}", "training.max_steps=4", "training.learning_rate=1e38", "training.warmup_steps=0",
+        "training.lr_scheduler=constant", "training.max_grad_norm=null", "training.eval_every=null",
+        "training.checkpoint_every=1"])
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 2"):
+        run_local(spec, checkpoint_dir=tmp_path)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["peftray-ckpt-tiny-lora-instruct-%d-1" % __import__("os").getpid()]  # none after the NaN

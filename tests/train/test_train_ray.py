@@ -116,25 +116,27 @@ def _our_train_workers(ray_session) -> list:
             if a.job_id == job_id and a.pid]
 
 
-def _checkpoint_steps(stack, name: str) -> list[int]:
+def _checkpoint_steps(stack, spec) -> list[int]:
+    from peftray.train.run import run_folder
+
     fs = stack.s3fs()
     fs.invalidate_cache()
     try:
-        found = fs.ls(f"{stack.bucket}/train/{name}", detail=False)
+        found = fs.ls(f"{stack.bucket}/" + "/".join(run_folder(spec, None)), detail=False)
     except FileNotFoundError:
         return []
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in found)
     return sorted(int(m.group(1)) for m in map(re.compile(r"checkpoint_(\d+)").fullmatch, names) if m)
 
 
-def _kill_a_worker_after_checkpoints(stack, ray_session, name: str, job_over: threading.Event) -> int:
+def _kill_a_worker_after_checkpoints(stack, ray_session, spec, job_over: threading.Event) -> int:
     """SIGKILL one training worker from outside (as the OOM killer would) once a checkpoint is surely registered.
 
     A worker's report uploads its checkpoint, then waits until Ray Train's controller took the previous report:
     so when the checkpoint of step 6 is in S3, the one of step 2 is registered, whatever the machine's load.
     """
     deadline = time.monotonic() + 300
-    while not any(step >= 6 for step in _checkpoint_steps(stack, name)):
+    while not any(step >= 6 for step in _checkpoint_steps(stack, spec)):
         assert not job_over.is_set(), "the job ended before it could be interrupted"
         assert time.monotonic() < deadline, "no checkpoint of step 6 appeared"
         time.sleep(0.2)
@@ -155,7 +157,7 @@ def test_worker_killed_from_outside_resumes_from_checkpoint_and_registers_once(s
                       "training.eval_every=null")
     job_over = threading.Event()
     with cf.ThreadPoolExecutor(1) as pool:  # Ray Train's fit() stays in the main thread; the killer beside it
-        killer = pool.submit(_kill_a_worker_after_checkpoints, stack, ray_session, spec.name, job_over)
+        killer = pool.submit(_kill_a_worker_after_checkpoints, stack, ray_session, spec, job_over)
         try:
             result = run_job(spec, stack)
         finally:
@@ -228,4 +230,56 @@ def test_bad_specs_fail_fast_and_leave_nothing(stack, ray_session, tiny_model, u
         run_job("jobs/tiny-lora-instruct.yaml", stack, overrides=overrides)
     assert needle in str(info.value)
     assert find_run(_client(stack), unique_name) is None
+    assert unique_name not in {a.name for a in list_adapters(config=stack)}
+
+
+def _resumed(client, run_id) -> list[float]:
+    return [m.value for m in client.get_metric_history(run_id, "resumed_from_step")]
+
+
+def test_run_identity_is_owner_name_and_spec(stack, ray_session, tiny_model, unique_name):
+    """Issue 14 item 2: another user's job of the same name, or the same name with a changed spec, never
+    resumes a checkpoint or MLflow run that is not its own; nor does it write into another user's adapter."""
+    from peftray.errors import ForbiddenError
+    from peftray.registry import fetch, list_versions
+    from peftray.train import run_job
+    from peftray.train.tracking import find_run
+
+    spec = _tiny_spec(tiny_model, unique_name, "training.max_steps=2", "training.checkpoint_every=1",
+                      "training.eval_every=null", "resources.num_workers=1")
+    alice = run_job(spec, stack, owner="alice")
+    client = _client(stack)
+    # bob, same name and the very spec: alice's adapter name is not his to write (refused before training)
+    with pytest.raises(ForbiddenError, match="belongs to 'alice'"):
+        run_job(spec, stack, owner="bob")
+    assert find_run(client, unique_name, owner="bob") is None
+    # carol, an admin, may write it: her run is her own, trained from step 0, not resumed from alice's checkpoint
+    carol = run_job(spec, stack, owner="carol", owner_is_admin=True)
+    assert carol.run_id != alice.run_id and _resumed(client, carol.run_id) == []
+    known = {v.version for v in list_versions(spec.model_name, config=stack)}
+    # alice again, a changed spec under the same name: a new run trained from step 0, a new version
+    changed = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 3e-2})})
+    again = run_job(changed, stack, owner="alice")
+    assert again.run_id != alice.run_id and _resumed(client, again.run_id) == [] and again.version not in known
+    assert client.get_run(again.run_id).data.params["training.learning_rate"] == "0.03"
+    first = (fetch(f"{spec.model_name}/1", config=stack) / "adapter_model.safetensors").read_bytes()
+    second = (fetch(f"{spec.model_name}/{again.version}", config=stack) / "adapter_model.safetensors").read_bytes()
+    assert first != second
+    # alice, the first spec once more: her own run and checkpoint, resumed after its last step; nothing new
+    same = run_job(spec, stack, owner="alice")
+    assert same.run_id == alice.run_id and same.version == 1 and _resumed(client, alice.run_id) == [2.0]
+
+
+def test_non_finite_loss_fails_the_job_naming_the_step(stack, ray_session, tiny_model, unique_name):
+    """Issue 14 item 5: a NaN loss (here from a huge but finite learning rate) fails the job; nothing registered."""
+    from peftray.registry import list_adapters
+    from peftray.train import run_job
+    from peftray.train.tracking import find_run
+
+    spec = _tiny_spec(tiny_model, unique_name, "training.max_steps=4", "training.learning_rate=1e38",
+                      "training.max_grad_norm=null", "training.eval_every=null", "training.max_failures=0",
+                      "resources.num_workers=1")
+    with pytest.raises(Exception, match=r"non-finite (loss|gradient) at step 2"):
+        run_job(spec, stack, owner="alice")
+    assert find_run(_client(stack), unique_name).info.status == "FAILED"
     assert unique_name not in {a.name for a in list_adapters(config=stack)}

@@ -23,6 +23,7 @@ from peftray.jobspec import load_spec
 from peftray.service.executor import RayExecutor
 from peftray.service.scheduler import PROGRESS, parse_marked
 from peftray.service.settings import ServiceSettings
+from peftray.train.run import run_folder
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -74,11 +75,12 @@ def test_checkpoint_written_after_the_last_poll_is_resumed_and_progress_printed_
     executor = RayExecutor(ServiceSettings(config=stack, db_url=f"sqlite:///{tmp_path / 'jobs.db'}"))
     job_id = f"job-{name}"
     executor.config.s3fs().pipe_file(executor.spec_uri(job_id)[len("s3://"):], json.dumps(spec).encode())
-    ray_id = executor.client.submit_job(entrypoint=executor.entrypoint(job_id), runtime_env=executor.runtime_env(),
-                                        submission_id=executor.submission_id(job_id))
+    ray_id = executor.client.submit_job(entrypoint=executor.entrypoint(job_id, "alice"),
+                                        runtime_env=executor.runtime_env(), submission_id=executor.submission_id(job_id))
+    prefix, run_name = run_folder(load_spec(spec), "alice")
     done = threading.Event()
     killer = threading.Thread(target=lambda: kills.append(_kill_worker_once_stored(
-        executor.client, ray_id, stack.s3fs(), f"{stack.bucket}/train/{name}", 15, done)), daemon=True)
+        executor.client, ray_id, stack.s3fs(), f"{stack.bucket}/{prefix}/{run_name}", 15, done)), daemon=True)
     kills: list[int] = []
     killer.start()
     try:

@@ -62,7 +62,9 @@ def test_each_task_has_a_peft_task_type_a_head_and_formats_the_spec_accepts(task
     assert TaskType(task.task_type) in TASK_CLASSES
     assert hasattr(transformers, task.auto_model)
     for fmt in task.dataset_formats:
-        spec = JobSpec.model_validate({**_BASE, "task": task_name, "dataset": {"source": "d", "format": fmt}})
+        objective = {"training": {"objective": "dpo"}} if fmt == "preference" else {}  # pairs need a pair objective
+        spec = JobSpec.model_validate({**_BASE, "task": task_name, "dataset": {"source": "d", "format": fmt},
+                                       **objective})
         assert spec.peft_kwargs()["task_type"] == task.task_type
     others = {f for t in TASKS.values() if t is not task for f in t.dataset_formats} - set(task.dataset_formats)
     for fmt in others:
