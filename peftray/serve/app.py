@@ -74,11 +74,13 @@ class AdapterEngine:
             loop = asyncio.get_running_loop()
             try:
                 row = self.engine.submit(ids, SamplingParams(**job["params"]), adapter,
-                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                         schema=job.get("schema"), schema_field=job.get("schema_field", ""))
             except BaseException:
                 if adapter is not None:
                     self.engine.slots.release(adapter)
                 raise
+            first = {"prompt_text": self.tokenizer.decode(ids)} if job.get("echo") else {}
             while not finished:
                 ev = await queue.get()
                 finished = ev.finished
@@ -86,7 +88,9 @@ class AdapterEngine:
                     yield _error_event(ev.error)
                     return
                 yield {"text": ev.text, "finished": ev.finished, "finish_reason": ev.finish_reason,
-                       "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
+                       "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                       "logprobs": [self._token_logprobs(e) for e in ev.logprobs], **first}
+                first = {}
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error for the client
             if not isinstance(exc, PeftrayError):
                 log.exception("engine request failed")
@@ -95,6 +99,13 @@ class AdapterEngine:
             if row is not None and not finished:
                 self.engine.cancel(row)  # the client went away or timed out: free the row and its slot
 
+    def _token_logprobs(self, entry: dict) -> dict:
+        def text(i: int) -> str:
+            return self.tokenizer.decode([i])
+
+        return {"token": text(entry["id"]), "logprob": entry["logprob"],
+                "top": [[text(i), lp] for i, lp in entry["top"]]}
+
     def _encode(self, job: dict) -> list[int]:
         from peftray.errors import ConfigError
 
@@ -102,7 +113,8 @@ class AdapterEngine:
         if job.get("messages") is not None:
             if not getattr(tok, "chat_template", None):
                 raise ConfigError("this base model's tokenizer has no chat template; use /v1/completions.")
-            text = tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(job["messages"], tools=job.get("tools"), add_generation_prompt=True,
+                                           tokenize=False)
             return tok.encode(text, add_special_tokens=False)
         prompt = job.get("prompt")
         if isinstance(prompt, list):
