@@ -22,8 +22,9 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 
 from peftray.errors import PeftrayError
-from peftray.serve.serve_spec import ServeConfig
+from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
+from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
@@ -87,6 +88,8 @@ class AdapterEngine:
                 if ev.error is not None:
                     yield _error_event(ev.error)
                     return
+                if ev.finished:  # the ingress's metrics of this replica ride on the last event
+                    first["engine"] = self._counters()
                 yield {"text": ev.text, "finished": ev.finished, "finish_reason": ev.finish_reason,
                        "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                        "logprobs": [self._token_logprobs(e) for e in ev.logprobs], **first}
@@ -103,7 +106,7 @@ class AdapterEngine:
         def text(i: int) -> str:
             return self.tokenizer.decode([i])
 
-        return {"token": text(entry["id"]), "logprob": entry["logprob"],
+        return {"token": entry["text"], "logprob": entry["logprob"],
                 "top": [[text(i), lp] for i, lp in entry["top"]]}
 
     def _encode(self, job: dict) -> list[int]:
@@ -124,10 +127,14 @@ class AdapterEngine:
             return [int(t) for t in prompt]
         return tok.encode(prompt)
 
+    def _counters(self) -> dict:
+        e = self.engine
+        return {"running": e.running, "queued": e.queued, "loads": e.slots.loads, "evictions": e.slots.evictions,
+                "load_seconds": e.slots.load_seconds, "loaded": len(e.loaded_adapters()), "pid": os.getpid()}
+
     async def stats(self) -> dict:
         e = self.engine
-        return {"adapters": e.loaded_adapters(), "running": e.running, "queued": e.queued, "steps": e.steps,
-                "tokens": e.tokens, "loads": e.slots.loads, "evictions": e.slots.evictions, "pid": os.getpid(),
+        return {**self._counters(), "adapters": e.loaded_adapters(), "steps": e.steps, "tokens": e.tokens,
                 "rss_mb": _rss_mb()}
 
     def check_health(self) -> None:
@@ -193,6 +200,7 @@ class OpenAIIngress:
         replicas = self.spec.autoscaling.max_replicas if self.spec.autoscaling else self.spec.num_replicas
         self.capacity = replicas * self.spec.max_ongoing_requests + self.spec.max_queued_requests
         self.inflight = 0
+        self.metrics = ServeMetrics()
         openai_api.set_backend(self)
 
     async def call(self, fn, *args):
@@ -247,6 +255,15 @@ class OpenAIIngress:
 
     async def stats(self) -> dict:
         return {"ok": True}
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus text; the engine gauges refreshed from one replica (others report with their requests)."""
+        self.metrics.inflight.set(self.inflight)
+        try:
+            self.metrics.engine_stats(await asyncio.wait_for(self.engine.stats.remote(), 2.0))
+        except Exception:  # noqa: BLE001 - a busy or restarting replica: its last reported values stay
+            pass
+        return self.metrics.render()
 
 
 def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):

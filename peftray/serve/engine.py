@@ -347,9 +347,10 @@ class GenerationEngine:
             if row.grammar is not None:
                 row.grammar.accept(token)
             row.out_ids.append(token)
-            if p.logprobs is not None:
-                row.logprobs.append(token_logprobs(row_logits, token, p.logprobs))
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
+            if p.logprobs is not None:  # the token's text as it extends the decoded output (spaces included)
+                seen = sum(len(e["text"]) for e in row.logprobs)
+                row.logprobs.append({**token_logprobs(row_logits, token, p.logprobs), "text": text[seen:]})
             cut = min((i for i in (text.find(s) for s in p.stop if s) if i >= 0), default=-1)
             if cut >= 0:
                 self._finish(row, "stop", text[:cut])

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from peftray.errors import PeftrayError
 from peftray.serve import openai_shape as shape
@@ -129,6 +129,12 @@ def make_app(get_backend=current_backend) -> FastAPI:
         except Exception as exc:  # noqa: BLE001
             return from_exception(exc)
 
+    @app.get("/metrics")
+    async def _metrics():
+        backend = get_backend()
+        text = await backend.metrics_text() if hasattr(backend, "metrics_text") else b""
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.post("/v1/completions")
     async def _completions(body: CompletionRequest):
         dmt = get_backend().default_max_tokens
@@ -152,13 +158,16 @@ def make_app(get_backend=current_backend) -> FastAPI:
 
 async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], chat: bool):
     """Run every choice's job at once (they share the engine's batches) and shape the answer."""
+    metrics = getattr(backend, "metrics", None)
     try:
         target = await backend.call(backend.resolver.resolve, body.model)
     except Exception as exc:  # noqa: BLE001
-        return from_exception(exc)
+        return _counted(metrics, "unresolved", from_exception(exc))
+    label = target.key or "base"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     choices = [shape.Choice(i, pi) for i, (pi, _) in enumerate(jobs)]
-    events = _merge([_with_deadline(backend.run(target, job), backend.request_timeout_s) for _, job in jobs])
+    streams = [_with_deadline(backend.run(target, job), backend.request_timeout_s) for _, job in jobs]
+    events = _merge([metrics.observe(s, label) for s in streams] if metrics else streams)
     tools = [t.model_dump() for t in body.tools] if chat and body.tools and body.tool_choice != "none" else None
     want_lps = body.top_logprobs_count() is not None
     if body.stream:
@@ -167,7 +176,8 @@ async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], 
         except StopAsyncIteration:
             first = None
         except Exception as exc:  # noqa: BLE001
-            return from_exception(exc)
+            return _counted(metrics, label, from_exception(exc))
+        _counted(metrics, label, None)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _Stream(rid, body.model, chat, choices, tools, want_lps)
         return StreamingResponse(stream.sse(first, events, usage), media_type="text/event-stream")
@@ -175,8 +185,16 @@ async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], 
         async for i, ev in events:
             choices[i].add(ev)
     except Exception as exc:  # noqa: BLE001
-        return from_exception(exc)
+        return _counted(metrics, label, from_exception(exc))
+    _counted(metrics, label, None)
     return shape.final(rid, body.model, chat, choices, tools, want_lps)
+
+
+def _counted(metrics, label: str, response: Optional[JSONResponse]):
+    """`response` (None: a 200), counted by model and status."""
+    if metrics is not None:
+        metrics.finished(label, response.status_code if response is not None else 200)
+    return response
 
 
 async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
