@@ -60,7 +60,12 @@ def serve_port(requested: Optional[int] = None) -> int:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": requested or free_port()})
+        from peftray.serve.proxy_errors import CALLBACK
+
+        # the proxy answers a dead ingress replica itself; this makes that answer OpenAI's JSON error (503)
+        serve.start(http_options={"host": "127.0.0.1", "port": requested or free_port()},
+                    controller_options={"runtime_env": {"env_vars": {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                                                                     CALLBACK}}})
         client = _get_global_client()
     return int(client.http_config.port)
 

@@ -58,3 +58,34 @@ def test_the_dashboard_queries_only_series_that_exist():
         known |= {n, n + "_total", n + "_bucket", n + "_count", n + "_sum"}
     assert used and used <= known, used - known
     assert {"peftray_time_to_first_token_seconds_bucket", "peftray_adapter_evictions_total"} <= used
+
+
+def test_proxy_errors_become_openai_json_with_retry_after():
+    """The proxy middleware on a real ASGI app that fails the way Serve's proxy does (no mock of Serve)."""
+    import httpx
+
+    from peftray.serve.proxy_errors import OpenAIProxyErrors
+
+    async def dies(scope, receive, send):  # what the proxy does when the ingress replica dies mid-request
+        raise RuntimeError("ActorDiedError: the actor died unexpectedly")
+
+    async def plain_503(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Service unavailable"})
+
+    async def app_json(scope, receive, send):
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-type", b"application/json"),
+                                                                            (b"retry-after", b"2")]})
+        await send({"type": "http.response.body", "body": b'{"error": {"message": "busy"}}'})
+
+    async def get(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=OpenAIProxyErrors(app)),
+                                     base_url="http://t") as c:
+            return await c.post("/v1/completions", json={})
+
+    for app, status in ((dies, 503), (plain_503, 503)):
+        r = asyncio.run(get(app))
+        assert r.status_code == status and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_error" and "retry" in r.json()["error"]["message"]
+    r = asyncio.run(get(app_json))
+    assert r.status_code == 429 and r.json() == {"error": {"message": "busy"}} and r.headers["retry-after"] == "2"

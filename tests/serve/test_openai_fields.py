@@ -176,3 +176,47 @@ def test_streaming_n_choices_and_metrics(served):
                 if ln.startswith("peftray_requests_total") and f'model="{name}"' in ln and 'status="200"' in ln)
     assert float(line.split()[-1]) >= 1
     assert httpx.get(dep.url + "/metrics", timeout=60).status_code == 401
+
+
+def test_killed_ingress_replica_answers_openai_errors_with_retry_after(served):
+    """Issue 14 item 12: requests in flight when the ingress replica dies get 503 JSON + Retry-After, not a bare 500."""
+    import time
+
+    import ray
+    from ray import serve
+
+    dep, info = served
+    app, model = info["spec"].name, f"{info['names'][1]}/1"
+    headers = {"Authorization": f"Bearer {dep.api_key}"}
+
+    def one(i):
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "seed": i}
+        try:
+            return httpx.post(dep.url + "/v1/completions", json=body, headers=headers, timeout=120)
+        except httpx.HTTPError as exc:
+            return exc
+
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "OpenAIIngress" in a["name"] and app in a["name"])
+    engine = serve.get_deployment_handle("AdapterEngine", app)
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        deadline = time.monotonic() + 60
+        while engine.stats.remote().result()["running"] == 0:  # the requests are in the engine now
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
+        results = [f.result(timeout=150) for f in futures]
+    errors = [r for r in results if not (isinstance(r, httpx.Response) and r.status_code == 200)]
+    assert errors, "no request was in flight when the ingress died"
+    for r in errors:
+        assert isinstance(r, httpx.Response), r
+        assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["message"]
+    deadline = time.monotonic() + 180
+    while True:  # Serve replaces the ingress: answers again
+        r = one(0)
+        if isinstance(r, httpx.Response) and r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r
+        time.sleep(1)
