@@ -197,8 +197,7 @@ class OpenAIIngress:
         self.api_key = api_key
         self.default_max_tokens = self.spec.default_max_tokens
         self.request_timeout_s = self.spec.request_timeout_s
-        replicas = self.spec.autoscaling.max_replicas if self.spec.autoscaling else self.spec.num_replicas
-        self.capacity = replicas * self.spec.max_ongoing_requests + self.spec.max_queued_requests
+        self.capacity = self.spec.capacity
         self.inflight = 0
         self.metrics = ServeMetrics()
         openai_api.set_backend(self)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from peftray.endpoints import STATE_FILE, Config, load_config, read_state
 from peftray.errors import PeftrayError, StackError
+from peftray.serve.proxy_gate import publish
 from peftray.serve.serve_spec import ServeConfig, load_serve_config
 
 
@@ -92,6 +93,7 @@ def deploy(spec: ServeConfig | str | Path, config: Optional[Config] = None, wait
     api_key = spec.api_key or os.environ.get("PEFTRAY_SERVE_API_KEY") or cfg.serve_api_key or \
         secrets.token_urlsafe(24)
     serve.run(build_app(spec, cfg.env(), api_key), name=spec.name, route_prefix=f"/{spec.name}", blocking=False)
+    publish(spec.name, spec.capacity)  # the proxies refuse past it at once (proxy_gate)
     _wait_running(spec.name, wait_s)
     dep = Deployment(spec.name, f"http://127.0.0.1:{port}/{spec.name}", api_key, port)
     _record(cfg, dep)
@@ -152,6 +154,9 @@ def down(name: Optional[str] = None, config: Optional[Config] = None) -> list[st
         raise PeftrayError(f"no serve application {name!r}; running: {apps or 'none'}.")
     if name is None:
         serve.shutdown()
+        for app in apps:
+            publish(app, None)
         return apps
     serve.delete(name)
+    publish(name, None)
     return [name]

@@ -19,7 +19,9 @@ def middlewares() -> list:
     """What Serve's proxy callback returns: the Starlette middlewares to wrap its ASGI app in."""
     from starlette.middleware import Middleware
 
-    return [Middleware(OpenAIProxyErrors)]
+    from peftray.serve.proxy_gate import AdmissionGate
+
+    return [Middleware(OpenAIProxyErrors), Middleware(AdmissionGate)]  # the last wraps outermost: gate first
 
 
 def _error(status: int, text: str) -> tuple[dict, bytes]:

@@ -89,3 +89,35 @@ def test_proxy_errors_become_openai_json_with_retry_after():
         assert r.json()["error"]["type"] == "server_error" and "retry" in r.json()["error"]["message"]
     r = asyncio.run(get(app_json))
     assert r.status_code == 429 and r.json() == {"error": {"message": "busy"}} and r.headers["retry-after"] == "2"
+
+
+def test_proxy_gate_refuses_past_capacity_at_once_and_lets_the_rest_through():
+    """Three slow requests against capacity 2: the third gets 429 JSON while the two are still running."""
+    import httpx
+
+    from peftray.serve.proxy_gate import AdmissionGate
+
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = AdmissionGate(slow_app, lookup=lambda app: 2 if app == "tiny" else None)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://t") as c:
+            first = [asyncio.create_task(c.post("/tiny/v1/completions", json={})) for _ in range(2)]
+            while gate.inflight.get("tiny", 0) < 2:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/tiny/v1/chat/completions", json={})
+            other_app = asyncio.create_task(c.post("/other/v1/completions", json={}))  # not gated: no capacity
+            release.set()
+            return refused, [await t for t in first], await other_app
+
+    refused, accepted, other = asyncio.run(run())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "capacity 2" in refused.json()["error"]["message"]
+    assert [r.status_code for r in accepted] == [200, 200] and other.status_code == 200
+    assert gate.inflight == {"tiny": 0, "other": 0}  # every request let through was counted out again
