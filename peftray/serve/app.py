@@ -102,6 +102,16 @@ class AdapterEngine:
             if row is not None and not finished:
                 self.engine.cancel(row)  # the client went away or timed out: free the row and its slot
 
+    async def generate_all(self, key: Optional[str], job: dict) -> dict:
+        """`generate`'s events folded into one (text and logprobs joined; the error event if one came)."""
+        out: dict = {"text": "", "logprobs": []}
+        async for ev in self.generate(key, job):
+            if ev.get("error"):
+                return ev
+            text, lps = out["text"] + ev.get("text", ""), out["logprobs"] + ev.get("logprobs", [])
+            out.update(ev, text=text, logprobs=lps)
+        return out
+
     def _token_logprobs(self, entry: dict) -> dict:
         def text(i: int) -> str:
             return self.tokenizer.decode([i])
@@ -234,11 +244,15 @@ class OpenAIIngress:
         died = busy = 0
         while True:
             started = False
-            handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
             try:
-                async for ev in handle.generate.remote(target.key, job):
-                    started = True
-                    yield ev
+                if job.get("stream"):
+                    handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
+                    async for ev in handle.generate.remote(target.key, job):
+                        started = True
+                        yield ev
+                else:  # one reply instead of an object per step: the non-streamed path's main overhead
+                    handle = self.engine.options(multiplexed_model_id=target.key or "")
+                    yield await handle.generate_all.remote(target.key, job)
                 return
             except BackPressureError:
                 busy += 1

@@ -166,7 +166,8 @@ async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], 
     label = target.key or "base"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     choices = [shape.Choice(i, pi) for i, (pi, _) in enumerate(jobs)]
-    streams = [_with_deadline(backend.run(target, job), backend.request_timeout_s) for _, job in jobs]
+    streams = [_with_deadline(backend.run(target, {**job, "stream": body.stream}), backend.request_timeout_s)
+               for _, job in jobs]
     events = _merge([metrics.observe(s, label) for s in streams] if metrics else streams)
     tools = [t.model_dump() for t in body.tools] if chat and body.tools and body.tool_choice != "none" else None
     want_lps = body.top_logprobs_count() is not None
