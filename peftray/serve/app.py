@@ -81,7 +81,11 @@ class AdapterEngine:
                 if adapter is not None:
                     self.engine.slots.release(adapter)
                 raise
-            first = {"prompt_text": self.tokenizer.decode(ids)} if job.get("echo") else {}
+            first = {}
+            if job.get("echo"):  # the prompt as sent; token ids as their text
+                prompt = job.get("prompt")
+                first["prompt_text"] = prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                    ids, skip_special_tokens=True)
             while not finished:
                 ev = await queue.get()
                 finished = ev.finished

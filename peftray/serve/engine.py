@@ -64,6 +64,7 @@ class _Row:
     grammar: Optional[RowGrammar] = None  # structured output: masks this row's logits
     out_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    lp_seen: int = 0  # characters of the output attributed to logprob entries
     emitted: int = 0
     reported: int = 0  # out_ids already handed to on_event
     cancelled: bool = False
@@ -348,9 +349,10 @@ class GenerationEngine:
                 row.grammar.accept(token)
             row.out_ids.append(token)
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
-            if p.logprobs is not None:  # the token's text as it extends the decoded output (spaces included)
-                seen = sum(len(e["text"]) for e in row.logprobs)
-                row.logprobs.append({**token_logprobs(row_logits, token, p.logprobs), "text": text[seen:]})
+            if p.logprobs is not None:  # the token's text: what it adds to the decoded output (a character split
+                stable = text.rstrip("\ufffd")  # over tokens goes to the token that completes it)
+                piece, row.lp_seen = stable[row.lp_seen:], max(row.lp_seen, len(stable))
+                row.logprobs.append({**token_logprobs(row_logits, token, p.logprobs), "text": piece})
             cut = min((i for i in (text.find(s) for s in p.stop if s) if i >= 0), default=-1)
             if cut >= 0:
                 self._finish(row, "stop", text[:cut])
@@ -384,6 +386,8 @@ class GenerationEngine:
         if text is None:
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True) if error is None else ""
         delta = text[row.emitted:] if len(text) > row.emitted else ""
+        if row.logprobs and len(text) > row.lp_seen:  # an unfinished character at the end: the last token's
+            row.logprobs[-1]["text"] += text[row.lp_seen:]
         if row.adapter is not None:
             self.slots.release(row.adapter)
         ids, lps = self._unreported(row)

@@ -17,7 +17,7 @@ from serve_helpers import MAX_NEW, PROMPT, reference_steps
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "n", "ok"],
-          "properties": {"city": {"type": "string", "maxLength": 10}, "n": {"type": "integer", "minimum": 0},
+          "properties": {"city": {"type": "string", "maxLength": 10}, "n": {"type": "integer", "minimum": 0, "maximum": 999},
                          "ok": {"type": "boolean"}}}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
@@ -35,16 +35,17 @@ def test_prompt_lists_n_seed_echo_and_stop(served):
     dep, info = served
     client, name = _client(dep), f"{info['names'][1]}/1"
     answer = info["answers"][1]
-    out = client.completions.create(model=name, prompt=[PROMPT, info["ids"]], max_tokens=MAX_NEW, temperature=0)
-    assert [c.index for c in out.choices] == [0, 1] and [c.text for c in out.choices] == [answer, answer]
-    assert out.usage.prompt_tokens == 2 * len(info["ids"])
+    out = client.completions.create(model=name, prompt=[PROMPT, "a b c"], max_tokens=MAX_NEW, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text == answer != out.choices[1].text
+    ids = client.completions.create(model=name, prompt=[info["ids"], info["ids"]], max_tokens=MAX_NEW, temperature=0)
+    assert [c.text for c in ids.choices] == [answer, answer] and ids.usage.prompt_tokens == 2 * len(info["ids"])
     kw = dict(model=name, prompt=[PROMPT, "a b c"], max_tokens=MAX_NEW, temperature=1.0, n=3, seed=7)
     first, again = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.index for c in first.choices] == list(range(6))
     assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seed: reproducible
     assert len({c.text for c in first.choices[:3]}) > 1  # the n choices are different samples
     echoed = client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_NEW, temperature=0, echo=True)
-    assert echoed.choices[0].text == info["tok"].decode(info["ids"]) + answer
+    assert echoed.choices[0].text == PROMPT + answer
     stop = answer.strip()[2:4]
     cut = client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_NEW, temperature=0, stop=[stop, "zzzz"])
     assert cut.choices[0].text == answer[:answer.index(stop)] and cut.choices[0].finish_reason == "stop"
@@ -110,7 +111,7 @@ def test_structured_output_validates_in_a_mixed_adapter_batch(served):
     fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA, "strict": True}}
 
     def one(i):
-        kw = dict(model=models[i % 4], messages=[{"role": "user", "content": f"place {i}"}], max_tokens=60,
+        kw = dict(model=models[i % 4], messages=[{"role": "user", "content": f"place {i}"}], max_tokens=120,
                   temperature=1.0, seed=i)
         if i % 4 == 3:
             return client.chat.completions.create(**kw, response_format={"type": "json_object"})
@@ -120,8 +121,10 @@ def test_structured_output_validates_in_a_mixed_adapter_batch(served):
         outs = list(pool.map(one, range(12)))
     for i, out in enumerate(outs):
         for choice in out.choices:
-            if i % 4 == 3:
-                assert isinstance(json.loads(choice.message.content), dict)
+            if i % 4 == 3:  # any object: a random model may write one longer than max_tokens
+                assert choice.message.content.startswith("{")
+                if choice.finish_reason == "stop":
+                    assert isinstance(json.loads(choice.message.content), dict)
             elif i % 2 == 0:
                 assert choice.finish_reason == "stop", choice.message.content
                 jsonschema.validate(json.loads(choice.message.content), SCHEMA)
@@ -133,7 +136,7 @@ def test_tool_calls_forced_required_and_follow_up(served):
     messages = [{"role": "user", "content": "weather in paris?"}]
     for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
         out = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER, CLOCK],
-                                             tool_choice=choice, max_tokens=60, temperature=1.0, seed=3)
+                                             tool_choice=choice, max_tokens=120, temperature=1.0, seed=3)
         c = out.choices[0]
         assert c.finish_reason == "tool_calls" and c.message.content is None, c
         call = c.message.tool_calls[0]
@@ -147,7 +150,7 @@ def test_tool_calls_forced_required_and_follow_up(served):
     after = client.chat.completions.create(model=name, messages=follow, tools=[WEATHER], max_tokens=4, temperature=0)
     assert after.usage.prompt_tokens > plain.usage.prompt_tokens + 5  # the call and its result reached the prompt
     streamed = list(client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], stream=True,
-                                                   tool_choice="required", max_tokens=60, temperature=1.0, seed=3))
+                                                   tool_choice="required", max_tokens=120, temperature=1.0, seed=3))
     calls = [d.choices[0].delta.tool_calls for d in streamed if d.choices and d.choices[0].delta.tool_calls]
     assert calls and json.loads(calls[0][0].function.arguments)["city"] is not None
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
