@@ -107,11 +107,12 @@ def test_models_lists_every_reference_served_with_its_version(served):
 def test_structured_output_validates_in_a_mixed_adapter_batch(served):
     dep, info = served
     client = _client(dep)
-    models = [f"{n}/1" for n in info["names"]] + [info["spec"].served_model_id]
+    # two adapters (the replica's two slots) and the base model in one batch
+    models = [f"{n}/1" for n in info["names"][:2]] + [info["spec"].served_model_id]
     fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA, "strict": True}}
 
     def one(i):
-        kw = dict(model=models[i % 4], messages=[{"role": "user", "content": f"place {i}"}], max_tokens=120,
+        kw = dict(model=models[i % 3], messages=[{"role": "user", "content": f"place {i}"}], max_tokens=120,
                   temperature=1.0, seed=i)
         if i % 4 == 3:
             return client.chat.completions.create(**kw, response_format={"type": "json_object"})
