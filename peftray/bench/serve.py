@@ -4,11 +4,16 @@ Per model (the tiny Llama and a hidden-512 Llama config), in-process, greedy, sa
 - mixed: 32 concurrent requests spread over 16 LoRA adapters, tokens/s ÷ the same 32 on ONE adapter (goal >= 0.8);
 - the mixed workload ÷ HF PEFT in one process, `set_adapter` + `generate` per request (goal >= 5);
 - adapter latency in-process: a request whose adapter is not loaded yet (cold: read from disk into a slot) vs
-  loaded (warm).
+  loaded (warm);
+- structured output: tokens/s of a batch under a JSON schema ÷ the same batch free (arms alternated; goal >= 0.8).
 Through Ray Serve on the local stack (the running one, or a temporary one; `--no-http` skips this part), tiny model:
 - cold from S3: the first request for a registered adapter (MLflow lookup, verified S3 fetch into an empty cache,
   slot load, generation) vs warm (the same request again), p50/p99 over HTTP;
-- Serve's HTTP overhead: a warm request through the OpenAI route ÷ the same generation called in-process.
+- Serve's HTTP overhead: a warm request through the OpenAI route ÷ the same generation called in-process;
+- load: `--requests` streamed clients over `--adapters` adapters through HTTP (p50/p99, TTFT, tokens/s) ÷ the same
+  requests on the engine in-process (goal >= 0.85);
+- overload: 10x the deployment's capacity at once; refusal latency p50/p99 (goal p99 <= 1 s), all accepted succeed.
+`--url URL --api-key KEY --model M` drives any OpenAI-compatible server with the same streamed load instead.
 Writes bench-results/serve.json and prints a table.
 """
 
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peftray.bench._serve_load import drive, refusals, structured_vs_free
 from peftray.bench._tuners_setup import peft_baseline
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -129,12 +135,13 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
         t_single, n_single = _run_engine(engine, [(p, slots[0]) for p in prompts], params)
         t_hf, n_hf = _hf_peft(base_dir, folders, idx, prompts, args.max_tokens)
         lat = _latency(engine, folders, prompts[0], params, args.latency_reps)
+        structured = structured_vs_free(engine, tok, slots[0], min(args.requests, 16), args.max_tokens, 3)
     finally:
         engine.close()
     mixed, single, hf = n_mixed / t_mixed, n_single / t_single, n_hf / t_hf
     return {"model": name, "device": device, "mixed_tok_s": mixed, "single_adapter_tok_s": single,
             "hf_peft_set_adapter_tok_s": hf, "mixed_over_single": mixed / single, "mixed_over_hf_peft": mixed / hf,
-            **lat}
+            **lat, **structured}
 
 
 def bench_http(base_dir: Path, root: Path, args) -> dict:
@@ -151,16 +158,19 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
     from peftray.serve.engine import GenerationEngine, SamplingParams
 
     prompt, max_tokens, reps = "the quick brown fox jumps over the lazy dog", 8, args.latency_reps
-    folders = _adapters(base_dir, root / "http", reps)
+    folders = _adapters(base_dir, root / "http", max(reps, args.adapters))
     tag = uuid.uuid4().hex[:6]
     with local_stack("peftray-bench-serve-", ray_num_cpus=4) as cfg:
         # an empty adapter cache for the replica: every first request really reads from S3
         cfg = dataclasses.replace(cfg, cache_dir=root / "serve-cache")
-        names = [f"bench{tag}-{i}" for i in range(reps)]
+        names = [f"bench{tag}-{i}" for i in range(len(folders))]
         for f, n in zip(folders, names):
             register_adapter(f, n, base_model=str(base_dir), config=cfg)
-        spec = ServeConfig(name=f"bench{tag}", base_model=str(base_dir), max_adapters_per_replica=reps + 1,
-                           num_cpus=0, torch_threads=args.threads, api_key=f"bench-key-{tag}")
+        # capacity = max_ongoing + max_queued = the concurrent clients of the load run
+        spec = ServeConfig(name=f"bench{tag}", base_model=str(base_dir), max_adapters_per_replica=len(names) + 1,
+                           num_cpus=0, torch_threads=args.threads, api_key=f"bench-key-{tag}",
+                           max_batch_size=args.requests, max_ongoing_requests=args.requests // 2,
+                           max_queued_requests=args.requests - args.requests // 2)
         dep = deploy(spec, cfg, wait_s=300)
         try:
             with httpx.Client(base_url=dep.url, headers={"Authorization": f"Bearer {dep.api_key}"},
@@ -174,10 +184,13 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
 
                 ask(f"{names[0]}/1")  # the replica's first request (torch warm-up) is not a cold-adapter sample
                 cold, warm = [], []
-                for n in names[1:]:
+                for n in names[1:reps]:
                     cold.append(ask(f"{n}/1")[0])
                     warm.append(ask(f"{n}/1")[0])
                 served = [ask(f"{names[0]}/1") for _ in range(reps * 2)]
+            mixed = [f"{n}/1" for n in names[:args.adapters]]
+            load = drive(dep.url, dep.api_key, mixed, args.requests, args.requests, args.max_tokens)
+            over = refusals(dep.url, dep.api_key, mixed[0], 10 * args.requests)
         finally:
             down(spec.name, cfg)
     # the same generation in this process: same base, same adapter, same prompt, same tokens
@@ -195,13 +208,39 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
             local.append(time.perf_counter() - t0)
     finally:
         engine.close()
+    local_tok_s = _in_process_load(base_dir, folders[:args.adapters], args)
     if ev.completion_tokens != served[0][1]:
         print(f"note: in-process generated {ev.completion_tokens} tokens, Serve {served[0][1]}")
     served_t = [t for t, _ in served]
     return {"http_cold_s3_p50_ms": _pct(cold, 0.5), "http_cold_s3_p99_ms": _pct(cold, 0.99),
             "http_warm_p50_ms": _pct(warm, 0.5), "http_warm_p99_ms": _pct(warm, 0.99),
             "serve_http_p50_ms": _pct(served_t, 0.5), "in_process_p50_ms": _pct(local, 0.5),
-            "serve_http_over_in_process": _pct(served_t, 0.5) / _pct(local, 0.5), "tokens": ev.completion_tokens}
+            "serve_http_over_in_process": _pct(served_t, 0.5) / _pct(local, 0.5), "tokens": ev.completion_tokens,
+            **{f"load_{k}": v for k, v in load.items()}, "in_process_load_tok_s": local_tok_s,
+            "http_load_over_in_process": load["tokens_per_s"] / local_tok_s,
+            **{f"overload_{k}": v for k, v in over.items()}}
+
+
+def _in_process_load(base_dir: Path, folders: list[Path], args) -> float:
+    """Tokens/s of the HTTP load's requests (same prompts, adapters, max_tokens) on the engine in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftray.bench._serve_load import PROMPT
+    from peftray.serve.engine import GenerationEngine, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok,
+                              max_batch_size=args.requests, max_queue=4 * args.requests,
+                              max_adapters=len(folders) + 1)
+    try:
+        slots = [engine.slots.acquire(f"a{i}", f) for i, f in enumerate(folders)]
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+        jobs = [(tok.encode(PROMPT.format(i=i)), slots[i % len(slots)]) for i in range(args.requests)]
+        _run_engine(engine, jobs[:2], params)  # warm-up
+        seconds, tokens = _run_engine(engine, jobs, params)
+    finally:
+        engine.close()
+    return tokens / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU, same for engine and baseline (1 avoids OpenMP spin contention on "
                         "shared machines)")
+    p.add_argument("--url", help="drive this OpenAI-compatible endpoint only (any server), then exit")
+    p.add_argument("--api-key", default="", help="its bearer key (with --url)")
+    p.add_argument("--model", action="append", help="model(s) to spread the load over (with --url; repeatable)")
     args = p.parse_args(argv)
+    if args.url:
+        return _drive_url(args)
     torch.manual_seed(0)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
@@ -232,10 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     from peftray.tables import table
 
     keys = ["mixed_tok_s", "single_adapter_tok_s", "hf_peft_set_adapter_tok_s", "mixed_over_single",
-            "mixed_over_hf_peft", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms"]
+            "mixed_over_hf_peft", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms",
+            "json_schema_over_free_median", "json_schema_over_free_spread"]
     print(table(["metric", *[r["model"] for r in rows]], [[k, *[f"{r[k]:.2f}" for r in rows]] for k in keys]))
     if http:
         print("\nthrough Ray Serve (tiny model, OpenAI route, 8 tokens):")
-        print(table(["metric", "value"], [[k, f"{v:.2f}"] for k, v in http.items()]))
-    print(f"goals: mixed/single >= 0.8, mixed/HF PEFT >= 5; JSON in {out}")
+        print(table(["metric", "value"], [[k, f"{v:.2f}" if isinstance(v, float) else str(v)]
+                                          for k, v in http.items()]))
+    print(f"goals: mixed/single >= 0.8, mixed/HF PEFT >= 5, json_schema/free >= 0.8; through HTTP: 8-token p50 "
+          f"<= 1.3x in-process, load tok/s >= 0.85x in-process, refusal p99 <= 1000 ms; JSON in {out}")
+    return 0
+
+
+def _drive_url(args) -> int:
+    """`--url`: the same streamed load against any OpenAI-compatible server (compare peftray with another)."""
+    from peftray.tables import table
+
+    if not args.model:
+        raise SystemExit("peftray bench serve --url needs --model (the model name(s) the server serves)")
+    got = drive(args.url, args.api_key, args.model, args.requests, args.requests, args.max_tokens)
+    print(table(["metric", "value"], [[k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in got.items()]))
     return 0

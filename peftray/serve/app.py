@@ -23,8 +23,9 @@ from ray import serve
 
 from peftray.endpoints import without_secrets
 from peftray.errors import PeftrayError
-from peftray.serve.serve_spec import ServeConfig
+from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
+from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
@@ -75,19 +76,29 @@ class AdapterEngine:
             loop = asyncio.get_running_loop()
             try:
                 row = self.engine.submit(ids, SamplingParams(**job["params"]), adapter,
-                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                         schema=job.get("schema"), schema_field=job.get("schema_field", ""))
             except BaseException:
                 if adapter is not None:
                     self.engine.slots.release(adapter)
                 raise
+            first = {}
+            if job.get("echo"):  # the prompt as sent; token ids as their text
+                prompt = job.get("prompt")
+                first["prompt_text"] = prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                    ids, skip_special_tokens=True)
             while not finished:
                 ev = await queue.get()
                 finished = ev.finished
                 if ev.error is not None:
                     yield _error_event(ev.error)
                     return
+                if ev.finished:  # the ingress's metrics of this replica ride on the last event
+                    first["engine"] = self._counters()
                 yield {"text": ev.text, "finished": ev.finished, "finish_reason": ev.finish_reason,
-                       "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
+                       "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                       "logprobs": [self._token_logprobs(e) for e in ev.logprobs], **first}
+                first = {}
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error for the client
             if not isinstance(exc, PeftrayError):
                 log.exception("engine request failed")
@@ -96,6 +107,23 @@ class AdapterEngine:
             if row is not None and not finished:
                 self.engine.cancel(row)  # the client went away or timed out: free the row and its slot
 
+    async def generate_all(self, key: Optional[str], job: dict) -> dict:
+        """`generate`'s events folded into one (text and logprobs joined; the error event if one came)."""
+        out: dict = {"text": "", "logprobs": []}
+        async for ev in self.generate(key, job):
+            if ev.get("error"):
+                return ev
+            text, lps = out["text"] + ev.get("text", ""), out["logprobs"] + ev.get("logprobs", [])
+            out.update(ev, text=text, logprobs=lps)
+        return out
+
+    def _token_logprobs(self, entry: dict) -> dict:
+        def text(i: int) -> str:
+            return self.tokenizer.decode([i])
+
+        return {"token": entry["text"], "logprob": entry["logprob"],
+                "top": [[text(i), lp] for i, lp in entry["top"]]}
+
     def _encode(self, job: dict) -> list[int]:
         from peftray.errors import ConfigError
 
@@ -103,7 +131,8 @@ class AdapterEngine:
         if job.get("messages") is not None:
             if not getattr(tok, "chat_template", None):
                 raise ConfigError("this base model's tokenizer has no chat template; use /v1/completions.")
-            text = tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(job["messages"], tools=job.get("tools"), add_generation_prompt=True,
+                                           tokenize=False)
             return tok.encode(text, add_special_tokens=False)
         prompt = job.get("prompt")
         if isinstance(prompt, list):
@@ -113,10 +142,14 @@ class AdapterEngine:
             return [int(t) for t in prompt]
         return tok.encode(prompt)
 
+    def _counters(self) -> dict:
+        e = self.engine
+        return {"running": e.running, "queued": e.queued, "loads": e.slots.loads, "evictions": e.slots.evictions,
+                "load_seconds": e.slots.load_seconds, "loaded": len(e.loaded_adapters()), "pid": os.getpid()}
+
     async def stats(self) -> dict:
         e = self.engine
-        return {"adapters": e.loaded_adapters(), "running": e.running, "queued": e.queued, "steps": e.steps,
-                "tokens": e.tokens, "loads": e.slots.loads, "evictions": e.slots.evictions, "pid": os.getpid(),
+        return {**self._counters(), "adapters": e.loaded_adapters(), "steps": e.steps, "tokens": e.tokens,
                 "rss_mb": _rss_mb()}
 
     def check_health(self) -> None:
@@ -179,9 +212,9 @@ class OpenAIIngress:
         self.api_key = api_key
         self.default_max_tokens = self.spec.default_max_tokens
         self.request_timeout_s = self.spec.request_timeout_s
-        replicas = self.spec.autoscaling.max_replicas if self.spec.autoscaling else self.spec.num_replicas
-        self.capacity = replicas * self.spec.max_ongoing_requests + self.spec.max_queued_requests
+        self.capacity = self.spec.capacity
         self.inflight = 0
+        self.metrics = ServeMetrics()
         openai_api.set_backend(self)
 
     async def call(self, fn, *args):
@@ -216,11 +249,15 @@ class OpenAIIngress:
         died = busy = 0
         while True:
             started = False
-            handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
             try:
-                async for ev in handle.generate.remote(target.key, job):
-                    started = True
-                    yield ev
+                if job.get("stream"):
+                    handle = self.engine.options(stream=True, multiplexed_model_id=target.key or "")
+                    async for ev in handle.generate.remote(target.key, job):
+                        started = True
+                        yield ev
+                else:  # one reply instead of an object per step: the non-streamed path's main overhead
+                    handle = self.engine.options(multiplexed_model_id=target.key or "")
+                    yield await handle.generate_all.remote(target.key, job)
                 return
             except BackPressureError:
                 busy += 1
@@ -236,6 +273,15 @@ class OpenAIIngress:
 
     async def stats(self) -> dict:
         return {"ok": True}
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus text; the engine gauges refreshed from one replica (others report with their requests)."""
+        self.metrics.inflight.set(self.inflight)
+        try:
+            self.metrics.engine_stats(await asyncio.wait_for(self.engine.stats.remote(), 2.0))
+        except Exception:  # noqa: BLE001 - a busy or restarting replica: its last reported values stay
+            pass
+        return self.metrics.render()
 
 
 def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):

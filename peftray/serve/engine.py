@@ -19,6 +19,8 @@ import torch
 
 from peftray.errors import ConfigError
 from peftray.serve import kv as kvops
+from peftray.serve.grammar import GrammarCompiler, RowGrammar
+from peftray.serve.sampling import penalize, token_logprobs
 from peftray.serve.slots import AdapterSlots, LoadedAdapter, OverloadedError, prompt_tensors
 
 BASE = "__base__"
@@ -33,6 +35,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None  # None: none; k: the chosen token's logprob and the k most likely
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # per token in token_ids, when params.logprobs is set
     error: Optional[BaseException] = None
 
 
@@ -55,7 +61,10 @@ class _Row:
     adapter: Optional[LoadedAdapter]
     on_event: Callable[[Event], None]
     generator: Optional[torch.Generator] = None
+    grammar: Optional[RowGrammar] = None  # structured output: masks this row's logits
     out_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    lp_seen: int = 0  # characters of the output attributed to logprob entries
     emitted: int = 0
     reported: int = 0  # out_ids already handed to on_event
     cancelled: bool = False
@@ -93,6 +102,7 @@ class GenerationEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.slots = AdapterSlots(self, max_adapters)
+        self.grammars = GrammarCompiler(tokenizer, int(model.config.vocab_size))
         self._dormant: Optional[str] = None  # last LoRA evicted but kept: a PeftModel needs one adapter
         self._model_lock = threading.RLock()
         self._cv = threading.Condition()
@@ -147,15 +157,20 @@ class GenerationEngine:
                               "max_tokens). Shorten the prompt or lower max_tokens.")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[LoadedAdapter],
-               on_event: Callable[[Event], None]) -> _Row:
+               on_event: Callable[[Event], None], schema: Optional[dict] = None, schema_field: str = "") -> _Row:
         """Queue a request; `on_event` is called from the engine thread after each of its steps.
 
+        `schema`: a JSON schema the output is decoded under (structured output; `schema_field` names the
+        request field in errors).
+
         Raises:
-            ConfigError: it does not fit the context. OverloadedError: the queue is full.
+            ConfigError: it does not fit the context, or the schema cannot be enforced. OverloadedError: the
+            queue is full.
         """
         self.check(prompt_ids, params, adapter)
+        grammar = self.grammars.matcher(schema, schema_field or "response_format") if schema is not None else None
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        row = _Row(list(prompt_ids), params, adapter, on_event, generator=gen)
+        row = _Row(list(prompt_ids), params, adapter, on_event, generator=gen, grammar=grammar)
         with self._cv:
             if self._closed:
                 raise OverloadedError("the engine is shutting down; retry on another replica.")
@@ -169,22 +184,24 @@ class GenerationEngine:
     def cancel(self, row: _Row) -> None:
         row.cancelled = True
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[LoadedAdapter] = None
-                 ) -> Event:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[LoadedAdapter] = None,
+                 schema: Optional[dict] = None) -> Event:
         """Blocking helper (tests, benchmarks): run one request to the end and return its final event."""
         done = threading.Event()
         final: list[Event] = []
         ids: list[int] = []
+        lps: list[dict] = []
 
         def on_event(ev: Event) -> None:
             ids.extend(ev.token_ids)
+            lps.extend(ev.logprobs)
             if ev.finished:
                 final.append(ev)
                 done.set()
 
-        self.submit(prompt_ids, params, adapter, on_event)
+        self.submit(prompt_ids, params, adapter, on_event, schema=schema)
         done.wait()
-        final[0].token_ids = ids
+        final[0].token_ids, final[0].logprobs = ids, lps
         if final[0].error is not None:
             raise final[0].error
         return final[0]
@@ -320,24 +337,35 @@ class GenerationEngine:
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         for row, row_logits in zip(rows, logits):
             p = row.params
-            token = kvops.sample(row_logits, p.temperature, p.top_p, row.generator)
+            adjusted = penalize(row_logits, row.out_ids, p.presence_penalty, p.frequency_penalty)
+            if row.grammar is not None:
+                adjusted = row.grammar.mask(adjusted)
+            token = kvops.sample(adjusted, p.temperature, p.top_p, row.generator)
             self.tokens += 1
             if token in self.eos_ids:
                 self._finish(row, "stop")
                 continue
+            if row.grammar is not None:
+                row.grammar.accept(token)
             row.out_ids.append(token)
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
+            if p.logprobs is not None:  # the token's text: what it adds to the decoded output (a character split
+                stable = text.rstrip("\ufffd")  # over tokens goes to the token that completes it)
+                piece, row.lp_seen = stable[row.lp_seen:], max(row.lp_seen, len(stable))
+                row.logprobs.append({**token_logprobs(row_logits, token, p.logprobs), "text": piece})
             cut = min((i for i in (text.find(s) for s in p.stop if s) if i >= 0), default=-1)
             if cut >= 0:
                 self._finish(row, "stop", text[:cut])
+            elif row.grammar is not None and row.grammar.finished:
+                self._finish(row, "stop", text)
             elif len(row.out_ids) >= p.max_tokens:
                 self._finish(row, "length", text)
             else:
                 self._send(row, text)
 
-    def _unreported(self, row: _Row) -> list[int]:
-        ids, row.reported = row.out_ids[row.reported:], len(row.out_ids)
-        return ids
+    def _unreported(self, row: _Row) -> tuple[list[int], list[dict]]:
+        ids, lps, row.reported = row.out_ids[row.reported:], row.logprobs[row.reported:], len(row.out_ids)
+        return ids, lps
 
     def _send(self, row: _Row, text: str) -> None:
         hold = max((len(s) - 1 for s in row.params.stop), default=0)  # a stop string may be starting
@@ -346,7 +374,8 @@ class GenerationEngine:
             safe = min(safe, len(text) - 1)
         delta = text[row.emitted:safe] if safe > row.emitted else ""
         row.emitted = max(row.emitted, safe)
-        row.on_event(Event(text=delta, token_ids=self._unreported(row), prompt_tokens=len(row.prompt_ids),
+        ids, lps = self._unreported(row)
+        row.on_event(Event(text=delta, token_ids=ids, logprobs=lps, prompt_tokens=len(row.prompt_ids),
                            completion_tokens=len(row.out_ids)))
 
     def _finish(self, row: _Row, reason: Optional[str], text: Optional[str] = None,
@@ -357,11 +386,14 @@ class GenerationEngine:
         if text is None:
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True) if error is None else ""
         delta = text[row.emitted:] if len(text) > row.emitted else ""
+        if row.logprobs and len(text) > row.lp_seen:  # an unfinished character at the end: the last token's
+            row.logprobs[-1]["text"] += text[row.lp_seen:]
         if row.adapter is not None:
             self.slots.release(row.adapter)
+        ids, lps = self._unreported(row)
         try:
             row.on_event(Event(text=delta, finished=True, finish_reason=reason, prompt_tokens=len(row.prompt_ids),
-                               completion_tokens=len(row.out_ids), error=error, token_ids=self._unreported(row)))
+                               completion_tokens=len(row.out_ids), error=error, token_ids=ids, logprobs=lps))
         except Exception:  # noqa: BLE001 - a consumer that went away must not stop the loop
             pass
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from peftray.endpoints import Config, load_config
 from peftray.errors import PeftrayError, StackError
+from peftray.serve.proxy_gate import publish
 from peftray.serve.serve_spec import ServeConfig, load_serve_config
 from peftray.stack.procs import free_port
 from peftray.stack.state import update_state
@@ -54,7 +55,12 @@ def serve_port(requested: Optional[int] = None) -> int:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": requested or free_port()})
+        from peftray.serve.proxy_errors import CALLBACK
+
+        # the proxy answers a dead ingress replica itself; this makes that answer OpenAI's JSON error (503)
+        serve.start(http_options={"host": "127.0.0.1", "port": requested or free_port()},
+                    controller_options={"runtime_env": {"env_vars": {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                                                                     CALLBACK}}})
         client = _get_global_client()
     return int(client.http_config.port)
 
@@ -81,6 +87,7 @@ def deploy(spec: ServeConfig | str | Path, config: Optional[Config] = None, wait
     api_key = spec.api_key or os.environ.get("PEFTRAY_SERVE_API_KEY") or cfg.serve_api_key or \
         secrets.token_urlsafe(24)
     serve.run(build_app(spec, cfg.env(), api_key), name=spec.name, route_prefix=f"/{spec.name}", blocking=False)
+    publish(spec.name, spec.capacity)  # the proxies refuse past it at once (proxy_gate)
     _wait_running(spec.name, wait_s)
     dep = Deployment(spec.name, f"http://127.0.0.1:{port}/{spec.name}", api_key, port)
     _record(cfg, dep)
@@ -137,6 +144,9 @@ def down(name: Optional[str] = None, config: Optional[Config] = None) -> list[st
         raise PeftrayError(f"no serve application {name!r}; running: {apps or 'none'}.")
     if name is None:
         serve.shutdown()
+        for app in apps:
+            publish(app, None)
         return apps
     serve.delete(name)
+    publish(name, None)
     return [name]

@@ -13,87 +13,21 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from peftray.errors import PeftrayError
+from peftray.serve import openai_shape as shape
+from peftray.serve.openai_schema import ChatRequest, CompletionRequest, _Common
 from peftray.serve.watch import ModelResolver, Target
 
 
 class RequestTimeout(PeftrayError):
     code = "timeout"
     http_status = 504
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
-    user: Optional[str] = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    logprobs: Optional[Union[bool, int]] = None
-
-    @model_validator(mode="after")
-    def _stops(self):
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise ValueError(f"stop may hold at most 4 sequences, got {len(stops)}")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server; leave logprobs unset")
-        return self
-
-    def params(self, default_max_tokens: int) -> dict[str, Any]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return {"max_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": [s for s in stops if s], "seed": self.seed}
-
-
-class CompletionRequest(_Common):
-    prompt: Union[str, list[int]] = Field(..., description="text, or token ids")
-    echo: bool = Field(False, description="must be false")
-
-    @model_validator(mode="after")
-    def _no_echo(self):
-        if self.echo:
-            raise ValueError("echo is not supported; leave it false")
-        return self
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, list[dict[str, Any]]]
-    name: Optional[str] = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-
-    def params(self, default_max_tokens: int) -> dict[str, Any]:
-        out = super().params(default_max_tokens)
-        out["max_tokens"] = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return out
-
-    def plain_messages(self) -> list[dict[str, str]]:
-        def text(c) -> str:
-            return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
-
-        return [{"role": "system" if m.role == "developer" else m.role, "content": text(m.content)}
-                for m in self.messages]
 
 
 class Backend(Protocol):
@@ -195,43 +129,106 @@ def make_app(get_backend=current_backend) -> FastAPI:
         except Exception as exc:  # noqa: BLE001
             return from_exception(exc)
 
+    @app.get("/metrics")
+    async def _metrics():
+        backend = get_backend()
+        text = await backend.metrics_text() if hasattr(backend, "metrics_text") else b""
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.post("/v1/completions")
     async def _completions(body: CompletionRequest):
-        job = {"prompt": body.prompt, "params": body.params(get_backend().default_max_tokens)}
-        return await _serve(get_backend(), body, job, chat=False)
+        dmt = get_backend().default_max_tokens
+        jobs = [(i, {"prompt": p, "echo": body.echo, "params": body.params(dmt, j)})
+                for i, p in enumerate(body.prompts()) for j in range(body.n)]  # OpenAI's order: prompt-major
+        return await _serve(get_backend(), body, jobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def _chat(body: ChatRequest):
-        job = {"messages": body.plain_messages(), "params": body.params(get_backend().default_max_tokens)}
-        return await _serve(get_backend(), body, job, chat=True)
+        dmt = get_backend().default_max_tokens
+        messages = [m.plain() for m in body.messages]
+        schema, field = body.schema(), "response_format"
+        if schema is None and body.tool_schema() is not None:
+            schema, field = body.tool_schema(), "tools"
+        jobs = [(0, {"messages": messages, "tools": body.template_tools(), "schema": schema, "schema_field": field,
+                     "params": body.params(dmt, j)}) for j in range(body.n)]
+        return await _serve(get_backend(), body, jobs, chat=True)
 
     return app
 
 
-async def _serve(backend: Backend, body: _Common, job: dict, chat: bool):
+async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], chat: bool):
+    """Run every choice's job at once (they share the engine's batches) and shape the answer."""
+    metrics = getattr(backend, "metrics", None)
     try:
         target = await backend.call(backend.resolver.resolve, body.model)
     except Exception as exc:  # noqa: BLE001
-        return from_exception(exc)
+        return _counted(metrics, "unresolved", from_exception(exc))
+    label = target.key or "base"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    events = _with_deadline(backend.run(target, job), backend.request_timeout_s)
+    choices = [shape.Choice(i, pi) for i, (pi, _) in enumerate(jobs)]
+    streams = [_with_deadline(backend.run(target, {**job, "stream": body.stream}), backend.request_timeout_s)
+               for _, job in jobs]
+    events = _merge([metrics.observe(s, label) for s in streams] if metrics else streams)
+    tools = [t.model_dump() for t in body.tools] if chat and body.tools and body.tool_choice != "none" else None
+    want_lps = body.top_logprobs_count() is not None
     if body.stream:
         try:
             first = await events.__anext__()  # errors before the first token still get a proper status
         except StopAsyncIteration:
             first = None
         except Exception as exc:  # noqa: BLE001
-            return from_exception(exc)
-        usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(rid, body.model, chat, first, events, usage), media_type="text/event-stream")
-    text, last = [], {}
+            return _counted(metrics, label, from_exception(exc))
+        _counted(metrics, label, None)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _Stream(rid, body.model, chat, choices, tools, want_lps)
+        return StreamingResponse(stream.sse(first, events, usage), media_type="text/event-stream")
     try:
-        async for ev in events:
-            text.append(ev.get("text", ""))
-            last = ev
+        async for i, ev in events:
+            choices[i].add(ev)
     except Exception as exc:  # noqa: BLE001
-        return from_exception(exc)
-    return _final(rid, body.model, chat, "".join(text), last)
+        return _counted(metrics, label, from_exception(exc))
+    _counted(metrics, label, None)
+    return shape.final(rid, body.model, chat, choices, tools, want_lps)
+
+
+def _counted(metrics, label: str, response: Optional[JSONResponse]):
+    """`response` (None: a 200), counted by model and status."""
+    if metrics is not None:
+        metrics.finished(label, response.status_code if response is not None else 200)
+    return response
+
+
+async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, event) from every stream as they come; the first error stops them all."""
+    if len(streams) == 1:  # the common case: no tasks, no queue
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for ev in stream:
+                queue.put_nowait((i, ev))
+            queue.put_nowait((i, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is done:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _with_deadline(events: AsyncIterator[dict], timeout_s: float) -> AsyncIterator[dict]:
@@ -268,53 +265,60 @@ class _RemoteError(PeftrayError):
         self.retry_after_s = 1 if status in (429, 503) else None
 
 
-def _usage(ev: dict) -> dict:
-    p, c = int(ev.get("prompt_tokens", 0)), int(ev.get("completion_tokens", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+class _Stream:
+    """Server-sent events of one response: a chunk per event and choice; with `tools`, a choice's text is held
+    until it ends, then sent as a tool call when it is one."""
 
+    def __init__(self, rid: str, model: str, chat: bool, choices: list, tools: Optional[list], want_lps: bool):
+        self.rid, self.model, self.chat, self.choices = rid, model, chat, choices
+        self.tools, self.want_lps = tools, want_lps
+        self.echoed: set[int] = set()  # completions with `echo`: choices whose prompt went out already
 
-def _final(rid: str, model: str, chat: bool, text: str, last: dict) -> dict:
-    reason = last.get("finish_reason") or "stop"
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": _usage(last)}
+    def _chunk(self, ch, ev: dict, before: str) -> Optional[str]:
+        reason = ev.get("finish_reason") if ev.get("finished") else None
+        entries = ev.get("logprobs") or []
+        lps = None
+        if self.want_lps and entries:
+            lps = shape.chat_logprobs(entries) if self.chat else shape.completion_logprobs(
+                entries, len(ch.prompt_text) + len(before))
+        if not self.chat:
+            text = ev.get("text", "")
+            if ch.prompt_text and ch.index not in self.echoed:
+                text = ch.prompt_text + text
+                self.echoed.add(ch.index)
+            return shape.chunk(self.rid, self.model, False, ch.index, {}, reason, lps, text) \
+                if text or reason or lps else None
+        if self.tools:
+            if not ev.get("finished"):
+                return None
+            text = "".join(ch.text)
+            call = shape.tool_call(text, self.tools) if reason == "stop" else None
+            if call is not None:
+                delta = {"tool_calls": [{"index": 0, **call}]}
+                return shape.chunk(self.rid, self.model, True, ch.index, delta, "tool_calls")
+            return shape.chunk(self.rid, self.model, True, ch.index, {"content": text}, reason)
+        delta = {"content": ev["text"]} if ev.get("text") else {}
+        return shape.chunk(self.rid, self.model, True, ch.index, delta, reason, lps) if delta or reason or lps else None
 
-
-def _chunk(rid: str, model: str, chat: bool, text: Optional[str], reason: Optional[str], role: bool = False) -> str:
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        if text:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-    obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-           "model": model, "choices": [choice]}
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-async def _sse(rid: str, model: str, chat: bool, first: Optional[dict], events, usage: bool):
-    last: dict = first or {}
-    try:
-        if chat:
-            yield _chunk(rid, model, chat, None, None, role=True)
-        pending = [first] if first is not None else []
-        while True:
-            ev = pending.pop() if pending else await events.__anext__()
-            last = ev
-            if ev.get("text") or ev.get("finished"):
-                yield _chunk(rid, model, chat, ev.get("text"), ev.get("finish_reason") if ev.get("finished") else None)
-    except StopAsyncIteration:
-        pass
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: report the error in the stream
-        status = int(getattr(exc, "http_status", 500))
-        yield f"data: {json.dumps(error_body(status, str(exc), getattr(exc, 'code', None)))}\n\n"
-    if usage:
-        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-               "created": int(time.time()), "model": model, "choices": [], "usage": _usage(last)}
-        yield f"data: {json.dumps(obj)}\n\n"
-    yield "data: [DONE]\n\n"
+    async def sse(self, first, events, usage: bool):
+        try:
+            if self.chat:
+                for ch in self.choices:
+                    yield shape.chunk(self.rid, self.model, True, ch.index, {"role": "assistant", "content": ""})
+            pending = [first] if first is not None else []
+            while True:
+                i, ev = pending.pop() if pending else await events.__anext__()
+                ch = self.choices[i]
+                before = "".join(ch.text)
+                ch.add(ev)
+                out = self._chunk(ch, ev, before)
+                if out:
+                    yield out
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report the error in the stream
+            status = int(getattr(exc, "http_status", 500))
+            yield f"data: {json.dumps(error_body(status, str(exc), getattr(exc, 'code', None)))}\n\n"
+        if usage:
+            yield shape.usage_chunk(self.rid, self.model, self.chat, self.choices)
+        yield "data: [DONE]\n\n"

@@ -67,6 +67,12 @@ class ServeConfig(BaseModel):
         return self
 
     @property
+    def capacity(self) -> int:
+        """Requests admitted at once: every replica's max_ongoing_requests plus max_queued_requests."""
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        return replicas * self.max_ongoing_requests + self.max_queued_requests
+
+    @property
     def served_model_id(self) -> str:
         return self.model_id or self.base_model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class AdapterSlots:
         self._lock = threading.Lock()
         self._pins = threading.Lock()
         self.loads = self.evictions = 0
+        self.load_seconds = 0.0  # time spent reading adapters into slots (a metric)
 
     def keys(self) -> list[str]:
         """Loaded adapters, least recently used first."""
@@ -114,7 +116,9 @@ class AdapterSlots:
                 return slot
             if len(self._slots) >= self.capacity:
                 self._evict_one()
+            start = time.perf_counter()
             slot = self._load(key, folder)
+            self.load_seconds += time.perf_counter() - start
             slot.pins = 1
             self._slots[key] = slot
             self.loads += 1

@@ -122,32 +122,52 @@ class ModelResolver:
         return av
 
     def listed(self) -> list[dict]:
-        """Entries for GET /v1/models: the base model, then every served adapter alias (and pinned versions)."""
-        out = [{"id": self.spec.served_model_id, "object": "model", "owned_by": "peftray", "root":
-                self.spec.base_model, "parent": None}]
+        """Entries for GET /v1/models: the base model, then every reference this deployment answers now.
+
+        A bare `name` (or `*`) entry lists each alias of the adapter and `name@latest`; `name@alias` and
+        `name/3` entries list themselves. Each adapter entry names the registry version it resolves to now
+        (`version`) and its base model as `parent`; adapters of another base model are left out.
+        """
+        base = self.spec.served_model_id
+        out = [{"id": base, "object": "model", "created": 0, "owned_by": "peftray", "root": self.spec.base_model,
+                "parent": None}]
         seen = set()
+        summaries = None
         for entry in self.spec.adapters:
-            for ref in self._expand(entry):
-                if ref not in seen:
-                    seen.add(ref)
-                    out.append({"id": ref, "object": "model", "owned_by": "peftray",
-                                "root": self.spec.served_model_id, "parent": self.spec.served_model_id})
+            if "@" not in entry and "/" not in entry and summaries is None:
+                summaries = {a.name: a for a in self.registry.list_adapters()}
+            for ref, name, version in self._expand(entry, summaries):
+                if ref in seen:
+                    continue
+                seen.add(ref)
+                try:
+                    av = self._version(name, version)
+                except NotFoundError:
+                    continue
+                if _same_base(av.base_model, self.spec.base_model):
+                    out.append({"id": ref, "object": "model", "created": int((av.created_at_ms or 0) // 1000),
+                                "owned_by": "peftray", "root": f"{name}/{version}", "parent": base,
+                                "version": int(version), "method": av.method})
         return out
 
-    def _expand(self, entry: str) -> list[str]:
+    def _expand(self, entry: str, summaries: Optional[dict]) -> list[tuple[str, str, int]]:
+        """(reference, adapter name, version it resolves to now) for one `adapters` entry of the spec."""
+        from peftray.registry.resolve import parse_ref
+
         if "@" in entry or "/" in entry:
-            return [entry]
-        summaries = {a.name: a for a in self.registry.list_adapters()}
+            ref = parse_ref(entry)
+            try:
+                version = ref.version if ref.version is not None else self._alias_version(ref.name, ref.alias)
+            except NotFoundError:
+                return []
+            return [(entry, ref.name, version)]
         names = sorted(summaries) if entry == "*" else [entry]
         refs = []
         for name in names:
             summary = summaries.get(name)
-            if summary is None:
+            if summary is None or summary.latest_version is None:
                 continue
             for alias, version in sorted((summary.aliases or {}).items()):
-                try:
-                    if _same_base(self._version(name, int(version)).base_model, self.spec.base_model):
-                        refs.append(f"{name}@{alias}")
-                except NotFoundError:
-                    continue
+                refs.append((f"{name}@{alias}", name, int(version)))
+            refs.append((f"{name}@latest", name, int(summary.latest_version)))
         return refs

@@ -98,3 +98,31 @@ def _recompute_prompt_tuning(model, adapter_dir: Path, prompt_ids: list[int], ma
 
 PROMPT = "the quick brown fox jumps over"
 MAX_NEW = 8
+
+
+def reference_steps(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new: int,
+                    presence: float = 0.0, frequency: float = 0.0) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's float64 log-softmax from HF PEFT (or plain transformers), the whole sequence
+    re-run each step (no cache), OpenAI's penalties applied in float64 by plain math before the argmax."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if adapter_dir is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    eos = model.config.eos_token_id
+    seq, out, logps = list(prompt_ids), [], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+            logps.append(torch.log_softmax(logits, -1))
+            counts = torch.zeros_like(logits)
+            for t in out:
+                counts[t] += 1
+            token = int((logits - counts * frequency - (counts > 0).double() * presence).argmax())
+            if token == eos:
+                break
+            out.append(token)
+            seq.append(token)
+    return out, logps

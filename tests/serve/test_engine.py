@@ -237,3 +237,71 @@ def _pins(engine, key: str) -> int | None:
     """Pins of a loaded adapter; None while it is not loaded."""
     slot = engine.slots._slots.get(key)  # noqa: SLF001 - the pin count is the state under test
     return None if slot is None else slot.pins
+
+
+def test_penalties_and_logprobs_match_float64_reference(tiny_model, tok, adapters):
+    from serve_helpers import reference_steps
+
+    engine = _engine(tiny_model, tok)
+    try:
+        slot = engine.slots.acquire("lora1", adapters["lora1"])
+        ids = tok.encode(PROMPTS[1])
+        params = SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7,
+                                logprobs=3)
+        got = engine.generate(ids, params, slot)
+        want, logps = reference_steps(tiny_model, adapters["lora1"], ids, 12, presence=1.5, frequency=0.7)
+        plain, _ = reference_steps(tiny_model, adapters["lora1"], ids, 12)
+        assert want != plain  # the penalties change the answer, so the comparison below tests them
+        assert got.token_ids == want
+        for entry, token, ref in zip(got.logprobs, want, logps):
+            assert entry["id"] == token and abs(entry["logprob"] - float(ref[token])) < 1e-4
+            top = torch.topk(ref, 3)
+            assert [i for i, _ in entry["top"]] == top.indices.tolist()
+            assert max(abs(lp - float(v)) for (_, lp), v in zip(entry["top"], top.values)) < 1e-4
+    finally:
+        engine.close()
+
+
+def test_json_schema_output_always_validates_with_random_adapters(tiny_model, tok, adapters):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+              "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0},
+                             "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+    engine = _engine(tiny_model, tok, max_batch_size=16)
+    try:
+        slots = [None] + [engine.slots.acquire(n, adapters[n]) for n in ("lora0", "lora1", "prompt")]
+        results = [None] * 12
+
+        def go(i):  # constrained and free rows of different adapters share the forward passes
+            params = SamplingParams(max_tokens=80, temperature=1.0, seed=i)
+            results[i] = engine.generate(tok.encode(PROMPTS[i % 4]), params, slots[i % 4],
+                                         schema=schema if i % 3 else None)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i, ev in enumerate(results):
+            if i % 3:
+                assert ev.finish_reason == "stop", (i, tok.decode(ev.token_ids))
+                jsonschema.validate(json.loads(tok.decode(ev.token_ids)), schema)
+        free = [tok.decode(results[i].token_ids) for i in range(0, 12, 3)]
+        assert not any(_parses(t) for t in free), free  # unconstrained, these random models write no JSON
+        with pytest.raises(ConfigError, match="response_format"):
+            engine.generate(tok.encode("x"), GREEDY, None, schema={"type": "no-such-type"})
+    finally:
+        engine.close()
+
+
+def _parses(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False

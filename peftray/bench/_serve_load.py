@@ -1,0 +1,112 @@
+"""Load for `peftray bench serve` over HTTP: any OpenAI-compatible endpoint (streamed, so TTFT is measured),
+overload refusal latencies, and structured output against free decoding in-process."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import statistics
+import time
+from typing import Optional
+
+PROMPT = "request {i}: the quick brown fox jumps over the lazy dog"
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6}}}
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile of seconds, in ms (nan when empty)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
+
+
+def _one(http, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
+    """(latency s, TTFT s, completion tokens) of one streamed completion."""
+    body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start, first, tokens = time.perf_counter(), None, 0
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if first is None and obj.get("choices") and obj["choices"][0].get("text"):
+                first = time.perf_counter()
+            if obj.get("usage"):
+                tokens = int(obj["usage"]["completion_tokens"])
+    end = time.perf_counter()
+    return end - start, (first or end) - start, tokens
+
+
+def drive(url: str, api_key: str, models: list[str], requests: int, concurrency: int, max_tokens: int) -> dict:
+    """`requests` streamed completions, `concurrency` at a time, spread over `models`: latency, TTFT, tokens/s."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=url.rstrip("/").removesuffix("/v1"), timeout=300, limits=limits,
+                      headers={"Authorization": f"Bearer {api_key}"}) as http:
+        _one(http, models[0], 0, max_tokens)  # warm-up
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(concurrency) as pool:
+            out = list(pool.map(lambda i: _one(http, models[i % len(models)], i, max_tokens), range(requests)))
+        wall = time.perf_counter() - start
+    lat, ttft, toks = [o[0] for o in out], [o[1] for o in out], sum(o[2] for o in out)
+    return {"requests": requests, "concurrency": concurrency, "latency_p50_ms": pct(lat, 0.5),
+            "latency_p99_ms": pct(lat, 0.99), "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+            "tokens_per_s": toks / wall, "completion_tokens": toks}
+
+
+def refusals(url: str, api_key: str, model: str, n: int, max_tokens: int = 16) -> dict:
+    """`n` requests at once (10x the capacity): how fast the refused ones are answered, and whether every
+    accepted one succeeded."""
+    import httpx
+
+    def one(http, i: int) -> tuple[object, float]:
+        t0 = time.perf_counter()
+        try:
+            r = http.post("/v1/completions", json={"model": model, "prompt": PROMPT.format(i=i),
+                                                   "max_tokens": max_tokens, "temperature": 0})
+            ok = r.status_code != 200 or bool(r.json()["choices"][0]["text"] is not None)
+            return (r.status_code if ok else "empty"), time.perf_counter() - t0
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, time.perf_counter() - t0
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    with httpx.Client(base_url=url.rstrip("/").removesuffix("/v1"), timeout=300, limits=limits,
+                      headers={"Authorization": f"Bearer {api_key}"}) as http:
+        with cf.ThreadPoolExecutor(n) as pool:
+            out = list(pool.map(lambda i: one(http, i), range(n)))
+    refused = [t for c, t in out if c in (429, 503)]
+    other = sorted({str(c) for c, _ in out if c not in (200, 429, 503)})
+    return {"concurrent": n, "accepted": sum(c == 200 for c, _ in out), "refused": len(refused),
+            "failed_other": other, "refusal_p50_ms": pct(refused, 0.5), "refusal_p99_ms": pct(refused, 0.99),
+            "accepted_p50_ms": pct([t for c, t in out if c == 200], 0.5)}
+
+
+def structured_vs_free(engine, tok, slot, batch: int, max_tokens: int, reps: int) -> dict:
+    """Tokens/s of `batch` rows under a JSON schema ÷ the same rows free, arms alternated over `reps`."""
+    import threading
+
+    from peftray.serve.engine import SamplingParams
+
+    def arm(schema: Optional[dict]) -> float:
+        done = []
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0)
+        threads = [threading.Thread(target=lambda i=i: done.append(engine.generate(
+            tok.encode(PROMPT.format(i=i)), params, slot, schema=schema))) for i in range(batch)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(ev.completion_tokens for ev in done) / (time.perf_counter() - start)
+
+    arm(SCHEMA)  # warm-up (compiles the grammar once)
+    ratios = []
+    for _ in range(reps):
+        free, constrained = arm(None), arm(SCHEMA)
+        ratios.append(constrained / free)
+    return {"json_schema_over_free_median": statistics.median(ratios),
+            "json_schema_over_free_spread": max(ratios) - min(ratios), "reps": reps}
