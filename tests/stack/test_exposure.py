@@ -20,7 +20,7 @@ import pytest
 
 from peftray import stack as local_stack
 from peftray.service.client import ServiceClient
-from peftray.service.process import start_service
+from peftray.stack.control_plane import start_service
 from peftray.stack import procs
 from peftray.stack.servers import ray_temp_dir
 
