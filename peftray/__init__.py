@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
     "JobSpec": "peftray.jobspec", "load_spec": "peftray.jobspec", "run_job": "peftray.train", "TrainResult": "peftray.train",
-    "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model",
+    "PeftModel": "peftray.peft_model", "get_peft_model": "peftray.peft_model", "peft_trainer": "peftray.hf_trainer",
     **{name: "peftray.task_models" for name in (
         "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
         "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification")},
@@ -35,5 +35,5 @@ __all__ = [
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "PromptTuningInit", "TaskType", "TrainResult", "__version__",
-    "get_peft_model", "load_spec", "read_adapter", "register_peft_method", "run_job", "write_adapter",
+    "get_peft_model", "load_spec", "peft_trainer", "read_adapter", "register_peft_method", "run_job", "write_adapter",
 ]

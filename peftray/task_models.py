@@ -84,13 +84,15 @@ class PeftModelForSequenceClassification(_PromptTasks):
 
     classifier_names = CLASSIFIER_NAMES
 
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", init_weights: bool = True,
+                 autocast_adapter_dtype: bool = True):
         _add_classifier(peft_config, self.classifier_names)
-        super().__init__(model, peft_config, adapter_name, init_weights)
+        super().__init__(model, peft_config, adapter_name, init_weights, autocast_adapter_dtype)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True,
+                    autocast_adapter_dtype: bool = True) -> None:
         _add_classifier(peft_config, self.classifier_names)  # HF PEFT extends here too (prompt methods: twice)
-        super().add_adapter(adapter_name, peft_config, init_weights)
+        super().add_adapter(adapter_name, peft_config, init_weights, autocast_adapter_dtype)
 
 
 def _add_classifier(config: PeftConfig, names: list[str]) -> None:
