@@ -127,3 +127,18 @@ def test_entrypoint_and_cli_refuse_a_bad_spec_before_starting_anything(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "peftray", "train", "jobs/tiny-qlora.yaml", "training.max_steps=3",
                            "--check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "max_steps: 3" in proc.stdout
+
+
+def test_bf16_precision_on_a_float32_base_trains_like_fp32(tiny_model):
+    """`base_model.dtype: float32` + `training.precision: bf16` (autocast bf16 over fp32 weights) runs the fused
+    LoRA path in bf16; its loss curve follows the fp32 run's within bf16 rounding."""
+    from peftray.train.local import run_local
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        spec = load_spec("jobs/tiny-lora-instruct.yaml", [
+            f"base_model.path={tiny_model}", "base_model.dtype=float32", f"training.precision={precision}",
+            "training.max_steps=3", "training.eval_every=null", "resources.num_workers=1"])
+        curves[precision] = [m["loss"] for m in run_local(spec).history]
+    assert len(curves["bf16"]) == 3
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=3e-2)

@@ -6,6 +6,7 @@ In-memory names follow HF PEFT (`lora_A[adapter]` an nn.Linear, `lora_embedding_
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -224,9 +225,10 @@ class Linear(LoraLayer):
         result = self.base_layer(x)
         if x.shape[0] != mixed.indices.shape[0]:
             raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
-        dtype = autocast_dtype(x) or x.dtype  # under autocast the kernel runs in its dtype (see ops.precision)
+        amp = autocast_dtype(x)  # under autocast the kernel runs in its dtype (see ops.precision)
+        dtype = amp or x.dtype
         a, b, scaling, dora = self._stacked(mixed.order, dtype)
-        with autocast_off(x):
+        with autocast_off(x) if amp else contextlib.nullcontext():  # entered only when needed: decode is hot
             if result.dtype == dtype:  # accumulate into the base output (in place when autograd allows)
                 result = lora_delta(x.to(dtype), a, b, scaling, mixed.plan, out=result)
             else:
