@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 
-from conftest import adapter_weights, saved_adapter_matches
+from integration_helpers import adapter_weights, saved_adapter_matches
 
 accelerate = pytest.importorskip("accelerate")
 

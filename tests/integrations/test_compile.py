@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import adapter_weights
+from integration_helpers import adapter_weights
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 40], [10, 11, 12, 13, 14, 41]])
 

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import peftray
-from conftest import adapter_weights
+from integration_helpers import adapter_weights
 
 
 def _args(out, **kw):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftray
-from conftest import TEXTS, adapter_weights, saved_adapter_matches
+from integration_helpers import TEXTS, adapter_weights, saved_adapter_matches
 
 trl = pytest.importorskip("trl")
 
