@@ -13,7 +13,7 @@ _LAZY = {
     "read_adapter": "peftray.adapters", "write_adapter": "peftray.adapters",
     "JobSpec": "peftray.jobspec", "load_spec": "peftray.jobspec", "run_job": "peftray.train", "TrainResult": "peftray.train",
     # from task_models, so that every task subclass is defined when they are used
-    "PeftModel": "peftray.task_models", "get_peft_model": "peftray.task_models",
+    "PeftModel": "peftray.task_models", "get_peft_model": "peftray.task_models", "peft_trainer": "peftray.hf_trainer",
     **{name: "peftray.task_models" for name in (
         "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
         "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification")},
@@ -36,5 +36,5 @@ __all__ = [
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "PromptTuningInit", "TaskType", "TrainResult", "__version__",
-    "get_peft_model", "load_spec", "read_adapter", "register_peft_method", "run_job", "write_adapter",
+    "get_peft_model", "load_spec", "peft_trainer", "read_adapter", "register_peft_method", "run_job", "write_adapter",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
+import types
 import warnings
 from typing import Any, Iterator, Optional
 
@@ -21,6 +23,7 @@ from peftray.errors import AdapterFormatError, ConfigError
 from peftray.ops.loss import causal_lm_loss
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
+from peftray.tuners.layers import upcast_adapter_weights
 from peftray.tuners.lora.mixed import build_mixed_batch, mixed_batch
 from peftray.tuners.methods import get_method
 from peftray.tuners.tuner import BaseTuner, wrap_modules_to_save
@@ -45,7 +48,7 @@ class PeftModel(nn.Module):
             TASK_CLASSES[task_type] = cls
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 init_weights: bool = True) -> None:
+                 init_weights: bool = True, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.active_adapter = adapter_name
         self._prompt_configs: dict[str, PeftConfig] = {}
@@ -57,6 +60,9 @@ class PeftModel(nn.Module):
         else:
             _, tuner_cls = get_method(peft_config.peft_type)
             self.base_model = tuner_cls(model, peft_config, adapter_name, init_weights=init_weights)
+            if autocast_adapter_dtype:
+                upcast_adapter_weights(self.base_model, adapter_name)
+        self.forward = _forward_with_signature_of(self)
 
     # --- adapters ---------------------------------------------------------------------------------
     @property
@@ -78,8 +84,10 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt else self.base_model.model
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True) -> None:
-        """Add a new, untrained adapter (not activated: call `set_adapter`)."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new, untrained adapter (not activated: call `set_adapter`); on a float16/bfloat16 base its
+        weights are float32 unless `autocast_adapter_dtype=False` (as in HF PEFT)."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists; pick another name or delete it first.")
         if peft_config.is_prompt_learning != self._is_prompt or (
@@ -88,6 +96,8 @@ class PeftModel(nn.Module):
                               f"{self.active_peft_config.peft_type.value} adapters; use a separate PeftModel.")
         if not self._is_prompt:
             self.base_model.inject_adapter(adapter_name, peft_config, init_weights=init_weights)
+            if autocast_adapter_dtype:
+                upcast_adapter_weights(self.base_model, adapter_name)
             self.base_model.set_adapter(self.active_adapters, trainable=not self.active_peft_config.inference_mode)
             return
         for p in self.base_model.parameters():
@@ -229,7 +239,8 @@ class PeftModel(nn.Module):
             adapter_io.write_adapter(out, config, self.get_adapter_state_dict(name), readme, storage_options)
 
     def load_adapter(self, path_or_state: Any, adapter_name: str = "default", is_trainable: bool = False,
-                     on_base_mismatch: str = "warn", storage_options: Optional[dict] = None) -> None:
+                     on_base_mismatch: str = "warn", storage_options: Optional[dict] = None,
+                     autocast_adapter_dtype: bool = True) -> None:
         """Load an adapter from a folder / s3:// URI, or from a `(config, state_dict)` pair, as `adapter_name`.
 
         Args:
@@ -237,6 +248,7 @@ class PeftModel(nn.Module):
             adapter_name: name of the new adapter (must not exist yet).
             is_trainable: keep the weights trainable (else loaded in inference mode).
             on_base_mismatch: "warn", "error" or "ignore" when the adapter names another base model.
+            autocast_adapter_dtype: on a float16/bfloat16 base, hold the weights in float32 (HF PEFT's default).
         """
         if isinstance(path_or_state, tuple):
             config, state = path_or_state
@@ -245,7 +257,7 @@ class PeftModel(nn.Module):
             config, state = adapter_io.read_adapter(path_or_state, storage_options)
         self._check_base(config, on_base_mismatch)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, init_weights=False)
+        self.add_adapter(adapter_name, config, init_weights=False, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             self.set_adapter_state_dict(state, adapter_name)
         except Exception:
@@ -270,8 +282,9 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike | tuple, adapter_name: str = "default",
                         is_trainable: bool = False, on_base_mismatch: str = "warn",
-                        storage_options: Optional[dict] = None) -> "PeftModel":
-        """Wrap `model` with the adapter stored at `model_id` (local folder or s3:// URI)."""
+                        storage_options: Optional[dict] = None, autocast_adapter_dtype: bool = True) -> "PeftModel":
+        """Wrap `model` with the adapter stored at `model_id` (local folder or s3:// URI); on a float16/bfloat16
+        base its weights are float32 unless `autocast_adapter_dtype=False`."""
         if isinstance(model_id, tuple):
             config, state = model_id
         else:
@@ -281,13 +294,23 @@ class PeftModel(nn.Module):
         peft_cls = TASK_CLASSES.get(config.task_type, PeftModel)
         peft_model = peft_cls.__new__(peft_cls)
         PeftModel._check_base(_Probe(model), config, on_base_mismatch)
-        peft_cls.__init__(peft_model, model, config, adapter_name, init_weights=False)
+        peft_cls.__init__(peft_model, model, config, adapter_name, init_weights=False,
+                          autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.set_adapter_state_dict(state, adapter_name)
         if not is_trainable:
             peft_model.eval()  # as HF PEFT: an adapter loaded for inference starts in eval mode
         return peft_model
 
     # --- running ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:  # pickle/deepcopy: the per-instance forward is rebuilt, not pickled
+        state = dict(self.__dict__)
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.forward = _forward_with_signature_of(self)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -327,8 +350,11 @@ class PeftModel(nn.Module):
             if vars(model).get("_loss_function") is causal_lm_loss:
                 del model._loss_function
 
-    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        with self._fused_loss(kwargs.get("labels")):
+    def forward(self, *args: Any, labels: Any = None, adapter_names: Optional[list[str]] = None, **kwargs: Any):
+        # `labels` is named so that transformers' Trainer finds the label column (it reads this class's signature)
+        if labels is not None:
+            kwargs["labels"] = labels
+        with self._fused_loss(labels):
             if self._is_prompt and not self._prompt_disabled:
                 return self._prompt_forward(*args, **kwargs)
             with self._mixed(adapter_names):
@@ -346,6 +372,28 @@ class PeftModel(nn.Module):
 
     def _prompt_generate(self, *args, **kwargs):
         raise ConfigError("generate with a prompt method needs task_type CAUSAL_LM.")
+
+
+def _forward_with_signature_of(peft_model: PeftModel) -> Any:
+    """`peft_model.forward`, showing the base model's parameters to `inspect.signature`.
+
+    transformers' Trainer drops the dataset columns the model's forward does not name (for HF PEFT's class it
+    looks at the base model instead); with `*args, **kwargs` it would drop every column. The base model's
+    parameters plus `adapter_names` are what this forward accepts.
+    """
+    base_params = list(inspect.signature(peft_model.get_base_model().forward).parameters.values())
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = [p for p in base_params if p.kind != p.VAR_KEYWORD] + [extra] + \
+             [p for p in base_params if p.kind == p.VAR_KEYWORD]
+    if any(p.name == "adapter_names" for p in base_params):
+        params = base_params
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self).forward(self, *args, **kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = inspect.Signature([self_param] + params)
+    return types.MethodType(forward, peft_model)
 
 
 class _Probe:

@@ -87,13 +87,15 @@ class PeftModelForSequenceClassification(_PromptTasks, task_type=TaskType.SEQ_CL
 
     classifier_names = CLASSIFIER_NAMES
 
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", init_weights: bool = True,
+                 autocast_adapter_dtype: bool = True):
         _add_classifier(peft_config, self.classifier_names)
-        super().__init__(model, peft_config, adapter_name, init_weights)
+        super().__init__(model, peft_config, adapter_name, init_weights, autocast_adapter_dtype)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, init_weights: bool = True,
+                    autocast_adapter_dtype: bool = True) -> None:
         _add_classifier(peft_config, self.classifier_names)  # HF PEFT extends here too (prompt methods: twice)
-        super().add_adapter(adapter_name, peft_config, init_weights)
+        super().add_adapter(adapter_name, peft_config, init_weights, autocast_adapter_dtype)
 
 
 def _add_classifier(config: PeftConfig, names: list[str]) -> None:
@@ -123,8 +125,13 @@ class PeftModelForQuestionAnswering(PeftModelForSequenceClassification, task_typ
     classifier_names = ["qa_outputs"]
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap a transformers model with a new, trainable adapter described by `peft_config`."""
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """Wrap a transformers model with a new, trainable adapter described by `peft_config`.
+
+    As in HF PEFT, adapter weights on a float16/bfloat16 base are float32 (stable updates; autocast or the
+    layer casts them for the matmuls); `autocast_adapter_dtype=False` keeps them in the base dtype.
+    """
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
     get_method(peft_config.peft_type)
@@ -132,4 +139,4 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     peft_cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    return peft_cls(model, peft_config, adapter_name)
+    return peft_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -16,6 +16,7 @@ random init from a seed), same data, fp32, the same `torch.set_num_threads` for 
 4. the mixed batch's logits, HF PEFT vs peftray;
 5. the causal-LM loss (lm_head + loss, forward and backward) at vocabularies 4096, 32000 and 128256:
    transformers' ForCausalLMLoss vs peftray's fused one (time and peak RSS);
+6. `amp`: the LoRA training step under torch.autocast(bf16), HF PEFT vs peftray (median ratio and spread);
 plus the bare kernel on one gate_proj-sized layer. Prints a table and writes bench-results/tuners.json.
 """
 
@@ -37,9 +38,7 @@ GOALS = {
     "train_tokens_per_s_vs_hf": 1.15, "train_loss_max_abs_diff": 1e-4, "decode_speedup_vs_hf": 2.0,
     "decode_vs_base": 1.25, "prefill_vs_hf": 1.0, "prefill_16_vs_1_adapter": 0.9, "logits_max_abs_diff": 1e-3,
 }
-
-
-SECTIONS = ("train", "decode", "kv_decode", "adapters", "prefill", "logits", "loss", "kernel")
+SECTIONS = ("train", "amp", "decode", "kv_decode", "adapters", "prefill", "logits", "loss", "kernel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,10 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def repeats(args) -> dict[str, tuple[int, int]]:
     """(repeats, warmup) per section; training keeps 10 timed steps (the loss curve) unless --quick."""
     if args.quick:
-        return {"train": (3, 1), "decode": (5, 2), "kv_decode": (5, 2), "adapters": (5, 2), "prefill": (2, 1), "loss": (3, 1),
-                "kernel": (10, 3)}
-    return {"train": (10, 2), "decode": (30, 5), "kv_decode": (30, 5), "adapters": (20, 3), "prefill": (5, 1), "loss": (7, 2),
-            "kernel": (50, 10)}
+        return {"train": (3, 1), "amp": (3, 1), "decode": (5, 2), "kv_decode": (5, 2), "adapters": (5, 2),
+                "prefill": (2, 1), "loss": (3, 1), "kernel": (10, 3)}
+    return {"train": (10, 2), "amp": (10, 2), "decode": (30, 5), "kv_decode": (30, 5), "adapters": (20, 3),
+            "prefill": (5, 1), "loss": (7, 2), "kernel": (50, 10)}
 
 
 def train_keys(r: dict) -> list[str]:
@@ -107,6 +106,10 @@ def run(args) -> dict:
         for i, vocab in enumerate(args.train_vocabs):
             results["train" if i == 0 else f"train_vocab{vocab}"] = train.run(
                 args.seed, n, w, args.threads, memory=not (args.quick or args.no_memory), vocab=vocab)
+    if "amp" in sections:
+        from peftray.bench import _tuners_amp as amp
+
+        results["amp"] = amp.run(args.seed, *reps["amp"], vocab=args.train_vocabs[0])
     if any(s in sections for s in ("decode", "kv_decode", "prefill", "logits")):
         models = mixed.MixedModels(args.seed)
         if "decode" in sections:
@@ -190,6 +193,10 @@ def render(r: dict) -> str:
     if "logits" in r:
         out.append(f"\nlogits (16x128 mixed): max |HF PEFT - peftray| = {r['logits']['max_abs_diff']:.2e} "
                    f"(adapters move logits by up to {r['logits']['adapters_vs_base_max_abs']:.2f} vs base)")
+    if "amp" in r:
+        from peftray.bench import _tuners_amp as amp
+
+        out.append(amp.render(r["amp"]))
     for key in train_keys(r):
         t, v = r[key], r[key].get("vocab", 4096)
         out.append(f"\ntraining step at vocab {v}: loss curves max |HF PEFT - peftray| = {t['loss_max_abs_diff']:.2e}")

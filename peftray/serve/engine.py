@@ -122,10 +122,12 @@ class GenerationEngine:
 
         with self._model_lock:
             if self.peft is None:
+                # Serving keeps adapters in the base dtype (float32 copies only help training updates)
                 self.peft = PeftModel.from_pretrained(self.base, (config, state), adapter_name=internal,
-                                                      on_base_mismatch="ignore").eval()
+                                                      on_base_mismatch="ignore", autocast_adapter_dtype=False).eval()
             else:
-                self.peft.load_adapter((config, state), adapter_name=internal, on_base_mismatch="ignore")
+                self.peft.load_adapter((config, state), adapter_name=internal, on_base_mismatch="ignore",
+                                       autocast_adapter_dtype=False)
             if self._dormant is not None and self._dormant != internal:
                 self.peft.delete_adapter(self._dormant)
                 self._dormant = None

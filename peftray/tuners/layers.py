@@ -116,6 +116,20 @@ class AdapterLayer(nn.Module):
         set_base_weight(self.base_layer, w + self.delta_weight(name).to(w.dtype))
 
 
+def upcast_adapter_weights(model: nn.Module, adapter_name: str) -> None:
+    """HF PEFT's `autocast_adapter_dtype=True`: adapter `adapter_name`'s float16/bfloat16 weights become float32.
+
+    On a half-precision base the optimizer then updates float32 weights (a bf16 weight drops updates below
+    2^-8 of its size); the forward casts them to the compute dtype, or autocast does.
+    """
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for param in module.adapter_tensors(adapter_name).values():
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+            module._generation += 1
+
+
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The base layer's weight as a dense [out, in] (Linear) or [num, dim] (Embedding) tensor."""
     weight = layer.weight

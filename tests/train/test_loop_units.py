@@ -169,3 +169,18 @@ def test_non_finite_loss_stops_the_loop_naming_the_step(tiny_model, tmp_path):
         run_local(spec, checkpoint_dir=tmp_path)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["peftray-ckpt-tiny-lora-instruct-%d-1" % __import__("os").getpid()]  # none after the NaN
+
+
+def test_bf16_precision_on_a_float32_base_trains_like_fp32(tiny_model):
+    """`base_model.dtype: float32` + `training.precision: bf16` (autocast bf16 over fp32 weights) runs the fused
+    LoRA path in bf16; its loss curve follows the fp32 run's within bf16 rounding."""
+    from peftray.train.local import run_local
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        spec = load_spec("jobs/tiny-lora-instruct.yaml", [
+            f"base_model.path={tiny_model}", "base_model.dtype=float32", f"training.precision={precision}",
+            "training.max_steps=3", "training.eval_every=null", "resources.num_workers=1"])
+        curves[precision] = [m["loss"] for m in run_local(spec).history]
+    assert len(curves["bf16"]) == 3
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=3e-2)

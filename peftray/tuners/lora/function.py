@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from peftray.ops.precision import autocast_dtype, autocast_off, cast_all
+
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
@@ -46,5 +48,15 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """x W^T + b + scaling * (x A^T) B^T with the fused backward above."""
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+    """x W^T + b + scaling * (x A^T) B^T with the fused backward above.
+
+    Under autocast every operand is cast to the autocast dtype first (autocast itself would not cast the
+    in-place `addmm_` nor what backward reuses): the same bf16/fp16 matmuls as an nn.Linear under autocast,
+    and float32 adapter weights still get float32 gradients through the cast.
+    """
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+    x, weight, bias, lora_a, lora_b = cast_all(dtype, x, weight, bias, lora_a, lora_b)
+    with autocast_off(x):
+        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling))

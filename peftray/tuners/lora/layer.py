@@ -6,6 +6,7 @@ In-memory names follow HF PEFT (`lora_A[adapter]` an nn.Linear, `lora_embedding_
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftray.errors import ConfigError
+from peftray.ops.precision import autocast_dtype, autocast_off
 from peftray.tuners.layers import AdapterLayer, base_weight, in_out_features
 from peftray.tuners.lora.function import lora_linear
 from peftray.tuners.lora.mixed import MixedBatch, current_mixed_batch
@@ -157,7 +159,8 @@ class Linear(LoraLayer):
         base = self.base_layer
         return (type(base) is nn.Linear and name in self.lora_A and name not in self.lora_magnitude_vector
                 and (not self.training or isinstance(self.lora_dropout[name], nn.Identity))
-                and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype and x.dim() >= 2)
+                and x.dim() >= 2 and (autocast_dtype(x) is not None  # lora_linear casts all to one dtype
+                                      or x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
@@ -178,7 +181,8 @@ class Linear(LoraLayer):
         for name in active:
             extra = (self._dora_term(name, x, result) if name in self.lora_magnitude_vector
                      else self._lora_term(name, x))
-            result = result + extra.to(result.dtype)
+            # added in the wider dtype, then back (as HF PEFT: a float32 adapter on a bf16 base adds in fp32)
+            result = (result + extra).to(result.dtype)
         return result
 
     # --- mixed-adapter batches --------------------------------------------------------------------
@@ -219,13 +223,17 @@ class Linear(LoraLayer):
         result = self.base_layer(x)
         if x.shape[0] != mixed.indices.shape[0]:
             raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
-        a, b, scaling, dora, bt = self._stacked(mixed.order, x.dtype)
-        if lora_delta_small_(result, x, a, bt, scaling, mixed.plan):
+        amp = autocast_dtype(x)  # under autocast the kernel runs in its dtype (see ops.precision)
+        dtype = amp or x.dtype
+        a, b, scaling, dora, bt = self._stacked(mixed.order, dtype)
+        if not amp and lora_delta_small_(result, x, a, bt, scaling, mixed.plan):
             pass  # decode-sized float32 batch on the CPU: added in place by the compiled kernel
-        elif result.dtype == x.dtype:  # accumulate into the base output (in place when autograd allows)
-            result = lora_delta(x, a, b, scaling, mixed.plan, out=result)
         else:
-            result = result + lora_delta(x, a, b, scaling, mixed.plan).to(result.dtype)
+            with autocast_off(x) if amp else contextlib.nullcontext():  # entered only when needed: decode is hot
+                if result.dtype == dtype:  # accumulate into the base output (in place when autograd allows)
+                    result = lora_delta(x.to(dtype), a, b, scaling, mixed.plan, out=result)
+                else:
+                    result = result + lora_delta(x.to(dtype), a, b, scaling, mixed.plan).to(result.dtype)
         # DoRA adapters are not in the stack (their term depends on the base output): one pass per segment.
         for i in dora:
             rows = (mixed.indices == i).nonzero().flatten()
