@@ -192,3 +192,23 @@ def load_config(state_dir: str | Path | None = None) -> Config:
         serve_api_key=pick("serve_api_key", "PEFTRAY_SERVE_API_KEY"),
         cache_dir=Path(cache) if cache else Path.home() / ".cache" / "peftray",
     )
+
+
+LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_loopback_ray(address: str | None) -> None:
+    """Let a client reach a Ray cluster at 127.0.0.1 (the local stack binds only loopback).
+
+    When connecting, Ray turns a loopback address into the machine's own address (so that other nodes could
+    join) and finds nothing listening there. Its switch for single-machine clusters, named after Windows and
+    macOS, keeps 127.0.0.1; Ray reads it on import, so the constant is set too when `ray` is loaded already.
+    Other addresses (a real cluster) are left alone.
+    """
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return
+    os.environ.setdefault(LOOPBACK_RAY_ENV, "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False

@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 # Every Ray cluster the tests start or join uses token auth; Ray reads the mode once, so set it before any import.
 os.environ["RAY_AUTH_MODE"] = "token"
+# The stacks the tests start bind Ray to loopback only: keep clients (and nodes) on 127.0.0.1 (see
+# peftray.endpoints.keep_loopback_ray); read by Ray on import, so set before any import of it.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 # PostgreSQL for the tests that run the job store / MLflow on production's database (these machines run one).
 PG_URL = os.environ.get("PEFTRAY_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")

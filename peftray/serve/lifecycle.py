@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from peftray.endpoints import Config, load_config
+from peftray.endpoints import Config, keep_loopback_ray, load_config
 from peftray.errors import PeftrayError, StackError
 from peftray.serve.proxy_gate import publish
 from peftray.serve.serve_spec import ServeConfig, load_serve_config
@@ -45,6 +45,7 @@ def connect(cfg: Config) -> None:
         if not cfg.ray_address:
             raise StackError("no Ray cluster is configured; start the local stack (peftray stack up) or set "
                              "PEFTRAY_RAY_ADDRESS.")
+        keep_loopback_ray(cfg.ray_address)
         ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False, ignore_reinit_error=True)
 
 

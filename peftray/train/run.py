@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftray.endpoints import Config, load_config
+from peftray.endpoints import Config, keep_loopback_ray, load_config
 from peftray.data import BatchPlan, prepare_data
 from peftray.errors import GateError, PeftrayError
 from peftray.jobspec import JobSpec, load_spec
@@ -65,6 +65,7 @@ def connect_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    keep_loopback_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
              include_dashboard=False, ignore_reinit_error=True)
 
