@@ -4,7 +4,7 @@ Same tiny Llama base, same LoRA config, same batches of the shipped preference s
 fp32, same torch threads. Arms alternate over several repetitions (each: a few optimizer steps per arm);
 printed: tokens/s per arm, the median ratio to TRL with its spread (min..max), where peftray's step time
 goes (policy forward + loss, backward + optimizer, reference forward), and peak CUDA memory on a GPU.
-TRL (and HF PEFT) are optional here, as the baseline: `pip install 'peftray[test]'`.
+TRL (and HF PEFT) are optional here, as the baseline: the `test` extra (`pip install -e '.[test]'` in the checkout).
 """
 
 from __future__ import annotations
