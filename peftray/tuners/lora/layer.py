@@ -196,8 +196,8 @@ class Linear(LoraLayer):
         # Checked on every layer call of every mixed forward: plain dict reads, not nn.Module.__getattr__
         # (through which this key cost about a millisecond per decode step with 16 adapters).
         mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
-        weights = [m._parameters["weight"] for mods in (mods_a, mods_b) for n in order if n in mods_a
-                   for m in (mods[n],)]
+        present = [n for n in order if n in mods_a]
+        weights = [mods[n]._parameters["weight"] for mods in (mods_a, mods_b) for n in present]
         key = (order, dtype, self.base_layer.weight.device, self._generation,
                tuple([w._version for w in weights]), tuple([w.data_ptr() for w in weights]))
         if key != self._stack_key:
