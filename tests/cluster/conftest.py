@@ -55,7 +55,8 @@ def ft_cluster(stack, tmp_path_factory):
         fh.write(secrets.token_hex(32))
     ports = dict(zip(servers.RAY_PORT_NAMES, procs.free_ports(len(servers.RAY_PORT_NAMES))))
     opts = servers.Options(state_dir=state, ray_num_cpus=3, ray_object_store_mb=256,
-                           ray_redis_address=REDIS_ADDRESS, ray_redis_namespace=namespace)
+                           ray_redis_address=REDIS_ADDRESS, ray_redis_namespace=namespace,
+                           ray_accept_nodes=True)  # other nodes join it (the session stack's head is loopback-only)
     cfg = dataclasses.replace(stack, ray_address=f"127.0.0.1:{ports['ray_gcs']}", ray_auth_token_path=str(token),
                               ray_dashboard_url=f"http://127.0.0.1:{ports['ray_dashboard']}")
     cluster = None

@@ -58,7 +58,8 @@ def _start_node(cfg: Config, name: str, num_cpus: int, resources: dict[str, floa
     # Ray keeps unix sockets under the temp dir; their paths must stay short.
     temp_dir = Path(f"/tmp/peftray-{name}-{os.getpid()}-{ports['node_manager']}")
     env = servers._child_env({**cfg.env(), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                              # joining a head refuses to run with Ray's single-machine switch on
+                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                               **(env_extra or {})})
     cmd = [
         servers._bin("ray"), "start", "--block", "--disable-usage-stats", f"--address={cfg.ray_address}",
@@ -113,7 +114,8 @@ class Driver:
 
     def __init__(self, cfg: Config, argv: list[str], log_dir: Path, env_extra: dict | None = None):
         env = {**os.environ, **cfg.env(), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": cfg.ray_address,
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               # a multi-node head binds the machine's address: so do its drivers (see conftest.ft_cluster)
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                **(env_extra or {})}
         if argv[0].endswith(".py"):
             argv = [str(HERE / argv[0]), *argv[1:]]

@@ -37,7 +37,10 @@ def exercised(stack, ray_session, tiny_model, tmp_path_factory):
     from peftray.serve import ServeConfig, deploy, down
 
     folder = tmp_path_factory.mktemp("svc-exposure")
-    svc = start_service(folder, {"PEFTRAY_SERVICE_POLL_S": "0.3"}, state_dir=stack.state_dir)
+    # alice's job reads the repo's example data and the session's tiny model: roots an admin granted
+    roots = f"{REPO / 'jobs'},{Path(tiny_model).parent}"
+    svc = start_service(folder, {"PEFTRAY_SERVICE_POLL_S": "0.3", "PEFTRAY_SERVICE_READ_ROOTS": roots},
+                        state_dir=stack.state_dir)
     name = f"t{uuid.uuid4().hex[:8]}"
     serve_spec = ServeConfig(name=f"x{name}", base_model=str(tiny_model), num_cpus=0, torch_threads=1,
                              api_key="serve-key-" + uuid.uuid4().hex, request_timeout_s=60)
