@@ -38,6 +38,29 @@ class TooManyRequests(OverloadedError):
     http_status = 429
 
 
+def keep_replica_grpc_on_loopback() -> None:
+    """Bind this replica's inter-deployment gRPC server to 127.0.0.1 when its node is loopback-only.
+
+    Serve starts that server (authenticated with the Ray token) on `[::]:0`, every interface, whatever the
+    node's address; on the local stack, whose Ray binds only loopback, it takes the node's address instead.
+    Runs in the replica's constructor, before Serve starts the server. A Ray without that hook is left alone.
+    """
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "peftray_loopback", False):
+        return
+    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+        return
+
+    def loopback(server, address: str):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    loopback.peftray_loopback = True
+    serve_replica.add_port_to_grpc_server = loopback
+
+
 def _error_event(exc: BaseException) -> dict:
     status = int(getattr(exc, "http_status", 500)) if isinstance(exc, PeftrayError) else 500
     msg = str(exc) if isinstance(exc, PeftrayError) else f"internal error in the engine: {type(exc).__name__}: {exc}"
@@ -50,6 +73,7 @@ class AdapterEngine:
     """One replica: the base model once, adapters in LRU slots, a continuous-batching engine."""
 
     def __init__(self, spec: dict) -> None:
+        keep_replica_grpc_on_loopback()
         self.spec = ServeConfig.model_validate(spec)
         self.engine, self.tokenizer = load_engine(self.spec)
         from ray import serve as _serve
@@ -206,6 +230,7 @@ class OpenAIIngress:
     def __init__(self, engine, spec: dict, api_key: Optional[str]) -> None:
         from peftray.serve import openai_api
 
+        keep_replica_grpc_on_loopback()
         self.spec = ServeConfig.model_validate(spec)
         self.engine = engine
         self.resolver = ModelResolver(self.spec)

@@ -23,6 +23,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class ServiceClient:
     """Talks to one control plane at `url` with one bearer `token`."""
 
+    SAFE_RETRIES = 3
+
     def __init__(self, url: str, token: str | None, timeout: float = 30.0):
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -48,11 +50,20 @@ class ServiceClient:
 
     # ---- plumbing -------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            resp = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise PeftrayError(f"cannot reach the control plane at {self.url}: {exc}. Is it running "
-                               "(`peftray service status`)?") from None
+        """One API call. A read, or a write that carries an Idempotency-Key, is sent again (up to
+        SAFE_RETRIES times) when it timed out (a busy service): the service answers a repeat as the first."""
+        headers = kwargs.get("headers") or {}
+        safe = method == "GET" or "Idempotency-Key" in headers
+        for attempt in range(self.SAFE_RETRIES + 1 if safe else 1):
+            try:
+                resp = self.http.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as exc:
+                again = isinstance(exc, httpx.TimeoutException) and safe
+                if not again or attempt == self.SAFE_RETRIES:
+                    raise PeftrayError(f"cannot reach the control plane at {self.url}: {exc}. Is it running "
+                                       "(`peftray service status`)?") from None
+                time.sleep(min(2.0 ** attempt, 8.0))
         _raise_for(resp)
         return resp.json()
 

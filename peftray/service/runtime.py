@@ -21,6 +21,13 @@ def start_state(app: Any, settings: ServiceSettings) -> None:
     app.state.scheduler = Scheduler(app.state.store, app.state.executor, settings)
     if settings.run_scheduler:
         app.state.scheduler.start()
+    # The first submission checks the adapter name in MLflow: import its client now, not in that request.
+    threading.Thread(target=_warm_imports, name="peftray-warm-imports", daemon=True).start()
+
+
+def _warm_imports() -> None:
+    import mlflow  # noqa: F401
+    import mlflow.exceptions  # noqa: F401
 
 
 def stop_state(app: Any) -> None:

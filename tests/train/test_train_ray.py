@@ -121,10 +121,10 @@ def _checkpoint_steps(stack, spec) -> list[int]:
 
     fs = stack.s3fs()
     fs.invalidate_cache()
-    try:
-        found = fs.ls(f"{stack.bucket}/" + "/".join(run_folder(spec, None)), detail=False)
-    except FileNotFoundError:
-        return []
+    # the job's run folder is `<name>-<fingerprint>` of the spec as run_job resolved it (absolute data paths)
+    prefix, run_name = run_folder(spec, None)
+    name = run_name.rsplit("-", 1)[0]
+    found = fs.glob(f"{stack.bucket}/{prefix}/{name}-*/checkpoint_*")
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in found)
     return sorted(int(m.group(1)) for m in map(re.compile(r"checkpoint_(\d+)").fullmatch, names) if m)
 
