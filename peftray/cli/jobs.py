@@ -194,28 +194,3 @@ def _cancel(args) -> int:
     print(f"job {job['id']}: {job['state']}" + (" (cancel requested; Ray is stopping it)" if job["state"] not in
                                                  EXIT else ""))
     return 0
-
-
-# ---- peftray promote --------------------------------------------------------------------------------------------
-def register_promote(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="registered adapter name")
-    p.add_argument("version", type=int)
-    p.add_argument("--alias", required=True, help="e.g. staging or production")
-    p.add_argument("--reason", help="why (goes to the audit log)")
-    p.add_argument("--metric", help="gate: the metric that must pass")
-    p.add_argument("--threshold", type=float, help="gate: the metric must reach this value")
-    p.add_argument("--no-worse-than-current", "--no-worse", dest="no_worse_than_current", action="store_true",
-                   help="gate: no worse than the alias's holder")
-    p.add_argument("--lower-is-better", action="store_true", help="gate: the metric is a loss")
-    p.set_defaults(func=_promote)
-
-
-def _promote(args) -> int:
-    gate = None
-    if args.metric:
-        gate = {"metric": args.metric, "threshold": args.threshold, "higher_is_better": not args.lower_is_better,
-                "no_worse_than_current": args.no_worse_than_current}
-    with _client(args) as client:
-        entry = client.promote(args.name, args.version, args.alias, reason=args.reason, gate=gate)
-    print(f"{args.name}@{args.alias} -> version {entry.get('version', args.version)}")
-    return 0

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from peftray.tables import table
 from peftray.endpoints import load_config
 from peftray.errors import ConfigError
+from peftray.cli.promote import add_gate_arguments, gate_from_args
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -35,12 +36,7 @@ def register(p: argparse.ArgumentParser) -> None:
     pro.add_argument("name")
     pro.add_argument("version", type=int)
     pro.add_argument("alias")
-    pro.add_argument("--metric", help="metric the gate checks")
-    pro.add_argument("--threshold", type=float, help="gate: metric must reach this value")
-    pro.add_argument("--no-worse", "--no-worse-than-current", dest="no_worse", action="store_true",
-                     help="gate: metric no worse than the current holder's")
-    pro.add_argument("--lower-is-better", action="store_true", help="the metric is a loss (default: higher is better)")
-    pro.add_argument("--tolerance", type=float, default=0.0, help="slack for --no-worse (default 0)")
+    add_gate_arguments(pro)
     pro.add_argument("--serving-base", help="base model the alias serves; a version for another base is refused")
     _who(pro)
     pro.set_defaults(func=_promote)
@@ -144,21 +140,10 @@ def _import(args) -> int:
                                     f"{len(av.files)} files, sha256 {av.content_sha256[:12]})")
 
 
-def _gate(args):
-    from peftray.registry import MetricGate
-
-    if args.metric is None:
-        if args.threshold is not None or args.no_worse:
-            raise ConfigError("--threshold/--no-worse need --metric NAME (the metric the gate checks).")
-        return None
-    return MetricGate(args.metric, higher_is_better=not args.lower_is_better, threshold=args.threshold,
-                      no_worse_than_current=args.no_worse, tolerance=args.tolerance)
-
-
 def _promote(args) -> int:
     from peftray.registry import promote
 
-    rec = promote(args.name, args.version, args.alias, gate=_gate(args), actor=args.actor, reason=args.reason,
+    rec = promote(args.name, args.version, args.alias, gate=gate_from_args(args), actor=args.actor, reason=args.reason,
                   serving_base=args.serving_base, config=_cfg(args))
     return _out(args, rec, f"{args.name}@{args.alias}: {rec['from_version']} -> {rec['version']} "
                            f"(audit #{rec['seq']}; {rec.get('checks')})")

@@ -123,7 +123,7 @@ def promote(opts, cfg: Config, model_dir: Path, good: dict[str, Any]) -> tuple[d
     """Promote the trained version behind a threshold gate; then train a worse one and watch the gate refuse it."""
     name, version = good["model_name"], int(good["model_version"])
     with _client(cfg) as client:
-        gate = {"metric": "eval_loss", "higher_is_better": False, "threshold": UNIFORM_LOSS}
+        gate = {"metric": "eval_loss", "mode": "min", "threshold": UNIFORM_LOSS}
         record = client.promote(name, version, "production", reason="demo: beats a uniform guess", gate=gate)
         opts.out(f"      {name}@production -> version {version} (gate: eval_loss <= ln(512) = {UNIFORM_LOSS:.2f})")
         short = client.submit(_load(opts, "demo-polite", model_dir, ("name=demo-polite-short", "training.max_steps=3")))
@@ -131,7 +131,7 @@ def promote(opts, cfg: Config, model_dir: Path, good: dict[str, Any]) -> tuple[d
         worse = follow(client, {"demo-polite-short": short["id"]})["demo-polite-short"]
         if worse["state"] != "succeeded":
             raise PeftrayError(f"the short job ended {worse['state']}: {worse.get('error') or ''}")
-        gate = {"metric": "eval_loss", "higher_is_better": False, "no_worse_than_current": True}
+        gate = {"metric": "eval_loss", "mode": "min", "no_worse_than_current": True}
         try:
             client.promote(name, int(worse["model_version"]), "production", reason="demo: worse candidate", gate=gate)
         except (GateError, PeftrayError) as exc:

@@ -16,16 +16,17 @@ forbids unknown fields, and no field names a command, a Python dotpath or a Ray 
 scalars) and raises `ConfigError` naming the field as the user wrote it, the value and the allowed values.
 """
 
+from peftray.jobspec.gate import MetricGate
 from peftray.jobspec.load import format_validation_error, load_spec
 from peftray.jobspec.schema import (
-    METHODS, PEFT_TYPES, SLUG, TASK_TYPES, AdapterMethod, BaseModelSpec, DatasetSpec, DoraMethod, GateSpec,
+    METHODS, PEFT_TYPES, SLUG, TASK_TYPES, AdapterMethod, BaseModelSpec, DatasetSpec, DoraMethod,
     IA3Method, JobSpec, LoraMethod, PrefixTuningMethod, PromoteSpec, PromptTuningMethod, PTuningMethod,
     RegistrySpec, ResourcesSpec, TrainingSpec, peft_config_kwargs,
 )
 
 __all__ = [
     "METHODS", "PEFT_TYPES", "SLUG", "TASK_TYPES", "AdapterMethod", "BaseModelSpec", "DatasetSpec", "DoraMethod",
-    "GateSpec", "IA3Method", "JobSpec", "LoraMethod", "PTuningMethod", "PrefixTuningMethod", "PromoteSpec",
+    "IA3Method", "JobSpec", "LoraMethod", "MetricGate", "PTuningMethod", "PrefixTuningMethod", "PromoteSpec",
     "PromptTuningMethod", "RegistrySpec", "ResourcesSpec", "TrainingSpec", "format_validation_error", "load_spec",
     "peft_config_kwargs",
 ]

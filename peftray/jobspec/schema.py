@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from peftray.jobspec.gate import MetricGate
 from peftray.tuners.methods import method_for_spec, spec_models
 from peftray.tuners.tasks import TASKS
 
@@ -178,24 +179,9 @@ class ResourcesSpec(_Strict):
         return self
 
 
-class GateSpec(_Strict):
-    """A promotion gate: the version's metric must pass a threshold or be no worse than the current holder."""
-
-    metric: str
-    mode: Literal["min", "max"] = "min"
-    threshold: float | None = None
-    no_worse_than_current: bool = False
-
-    @model_validator(mode="after")
-    def _one_rule(self):
-        if (self.threshold is None) == (not self.no_worse_than_current):
-            raise ValueError("set exactly one of `threshold` or `no_worse_than_current: true`")
-        return self
-
-
 class PromoteSpec(_Strict):
     alias: str = Field(pattern=SLUG)
-    gate: GateSpec | None = None
+    gate: MetricGate | None = None
 
 
 class RegistrySpec(_Strict):

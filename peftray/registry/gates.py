@@ -12,7 +12,7 @@ def check_gate(gate: MetricGate | None, candidate: AdapterVersion, alias: str,
     if gate is None:
         return "no gate"
     m, what = gate.metric, f"promotion of {candidate.ref} to {alias!r} refused"
-    better = ">=" if gate.higher_is_better else "<="
+    better = ">=" if gate.mode == "max" else "<="
     if m not in candidate.metrics:
         have = ", ".join(sorted(candidate.metrics)) or "none"
         raise GateError(f"{what}: it has no metric {m!r} (its metrics: {have}). Register it with metrics={{{m!r}: ...}} "
@@ -20,7 +20,7 @@ def check_gate(gate: MetricGate | None, candidate: AdapterVersion, alias: str,
     value = candidate.metrics[m]
     passed = []
     if gate.threshold is not None:
-        short = _shortfall(value, gate.threshold, gate.higher_is_better)
+        short = _shortfall(value, gate.threshold, gate.mode)
         if short > 0:
             raise GateError(f"{what}: metric {m!r} = {value:g} must be {better} {gate.threshold:g} "
                             f"({gate.direction} is better); it misses the threshold by {short:g}.")
@@ -30,9 +30,9 @@ def check_gate(gate: MetricGate | None, candidate: AdapterVersion, alias: str,
     return "; ".join(passed)
 
 
-def _shortfall(value: float, reference: float, higher_is_better: bool) -> float:
+def _shortfall(value: float, reference: float, mode: str) -> float:
     """How much worse `value` is than `reference` (<= 0 when it is as good or better)."""
-    return reference - value if higher_is_better else value - reference
+    return reference - value if mode == "max" else value - reference
 
 
 def _no_worse(gate: MetricGate, candidate: AdapterVersion, current: AdapterVersion | None, what: str) -> str:
@@ -44,7 +44,7 @@ def _no_worse(gate: MetricGate, candidate: AdapterVersion, current: AdapterVersi
     if m not in current.metrics:
         return f"{m}: current holder {current.ref} has no {m!r} to compare with"
     ref = current.metrics[m]
-    short = _shortfall(value, ref, gate.higher_is_better)
+    short = _shortfall(value, ref, gate.mode)
     if short > gate.tolerance:
         tol = f", tolerance {gate.tolerance:g}" if gate.tolerance else ""
         raise GateError(f"{what}: metric {m!r} = {value:g} is worse than the current holder {current.ref}'s "

@@ -7,11 +7,11 @@ any MLflow client (UI, REST, another language) carries its base model, method, m
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from peftray.errors import ConfigError
+from peftray.jobspec.gate import MetricGate  # noqa: F401  (the one gate type; re-exported)
 
 # Tag keys on a model version. `metric.<name>` holds one metric each, so the MLflow UI shows them as columns.
 T = "peftray."
@@ -124,38 +124,3 @@ class AdapterSummary:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class MetricGate:
-    """A promotion gate on one metric of the version being promoted.
-
-    Attributes:
-        metric: metric name as recorded at registration (e.g. `eval_loss`).
-        higher_is_better: False for losses/perplexity, True for accuracy-like metrics.
-        threshold: the version's metric must be >= threshold (higher is better) or <= threshold (lower is better).
-        no_worse_than_current: the version's metric must be no worse than the current alias holder's.
-        tolerance: slack allowed for `no_worse_than_current` (absolute, in the metric's units).
-    """
-
-    metric: str
-    higher_is_better: bool = True
-    threshold: float | None = None
-    no_worse_than_current: bool = False
-    tolerance: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.metric:
-            raise ConfigError("MetricGate.metric must name a metric, got an empty string.")
-        if self.threshold is None and not self.no_worse_than_current:
-            raise ConfigError(
-                f"MetricGate on {self.metric!r} checks nothing: give threshold=<value> and/or no_worse_than_current=True.")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"MetricGate.threshold must be a finite number, got {self.threshold!r}.")
-        if self.tolerance < 0:
-            raise ConfigError(f"MetricGate.tolerance must be >= 0, got {self.tolerance!r}.")
-
-    @property
-    def direction(self) -> Literal["higher", "lower"]:
-        return "higher" if self.higher_is_better else "lower"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

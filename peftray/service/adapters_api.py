@@ -20,21 +20,12 @@ from peftray.service.auth import Principal
 from peftray.service.runtime import state_of
 
 
-class GateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    metric: str
-    higher_is_better: bool = True
-    threshold: float | None = None
-    no_worse_than_current: bool = False
-    tolerance: float = 0.0
-
-
 class PromoteBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(gt=0)
     alias: str
     reason: str | None = None
-    gate: GateBody | None = None
+    gate: registry.MetricGate | None = None  # the spec's gate, the same JSON
 
 
 class RollbackBody(BaseModel):
@@ -69,7 +60,7 @@ def install(app: FastAPI, principal: Callable[..., Principal]) -> None:
         """Point `name@alias` at `version` after the optional metric gate passes (409 if it refuses)."""
         state = state_of(request.app)
         await run_in_threadpool(_check_may_move, who, name, body.alias, state.settings.config)
-        gate = registry.MetricGate(**body.gate.model_dump()) if body.gate else None
+        gate = body.gate
         return await run_in_threadpool(lambda: registry.promote(
             name, body.version, body.alias, gate=gate, actor=who.user, reason=body.reason,
             config=state.settings.config))

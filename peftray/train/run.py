@@ -207,14 +207,10 @@ def _promote(spec: JobSpec, cfg: Config, out: TrainResult) -> None:
     promo = spec.registry.promote
     if promo is None:
         return
-    from peftray.registry import MetricGate, promote
+    from peftray.registry import promote
 
-    gate = None
-    if promo.gate:
-        gate = MetricGate(metric=promo.gate.metric, higher_is_better=promo.gate.mode == "max",
-                          threshold=promo.gate.threshold, no_worse_than_current=promo.gate.no_worse_than_current)
     try:
-        promote(out.model_name, out.version, promo.alias, gate=gate, actor="peftray-train",
+        promote(out.model_name, out.version, promo.alias, gate=promo.gate, actor="peftray-train",
                 reason=f"job {spec.name}", config=cfg)
         out.promoted_alias = promo.alias
     except GateError as exc:  # the adapter is trained and registered; only the alias did not move

@@ -19,7 +19,7 @@ def test_cli_promote_rollback_show_diff_list(cfg, lora_dir, unique_name, capsys)
     v2 = R.register_adapter(lora_dir("b", seed=1), n, metrics={"eval_loss": 0.7}, config=cfg).version
     assert _json(capsys, "promote", n, str(v1), "production", "--reason", "first")["version"] == v1
     # A failing gate: exit code 1, the reason on stderr, no traceback, alias unchanged.
-    assert cli(["registry", "promote", n, str(v2), "production", "--metric", "eval_loss", "--lower-is-better",
+    assert cli(["registry", "promote", n, str(v2), "production", "--metric", "eval_loss", "--mode", "min",
                 "--no-worse"]) == 1
     err = capsys.readouterr().err
     assert "'eval_loss' = 0.7 is worse than the current holder" in err and "by 0.2" in err and "Traceback" not in err

@@ -49,8 +49,8 @@ def test_register_promote_gate_rollback(cfg, lora_dir, unique_name):
 
     R.promote(name, v1, "staging", actor="alice", reason="first", config=cfg)
     assert _holder(name, "staging", cfg) == v1
-    gate = R.MetricGate("eval_loss", higher_is_better=False, threshold=0.45, no_worse_than_current=True)
-    R.promote(name, v1, "production", gate=R.MetricGate("acc", threshold=0.8), config=cfg)
+    gate = R.MetricGate("eval_loss", mode="min", threshold=0.45, no_worse_than_current=True)
+    R.promote(name, v1, "production", gate=R.MetricGate("acc", mode="max", threshold=0.8), config=cfg)
     state1 = R.alias_state(name, "production", cfg)
     rec = R.promote(name, v2, "production", gate=gate, actor="bob", reason="better loss", config=cfg)
     assert (rec["from_version"], rec["version"], rec["actor"]) == (v1, v2, "bob")

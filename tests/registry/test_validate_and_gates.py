@@ -79,11 +79,11 @@ def _av(version, metrics, base="tiny-llama"):
 
 
 def test_threshold_gate_says_which_metric_failed_and_by_how_much():
-    loss = MetricGate("eval_loss", higher_is_better=False, threshold=0.5)
+    loss = MetricGate("eval_loss", mode="min", threshold=0.5)
     assert "eval_loss=0.45 <= 0.5" in check_gate(loss, _av(2, {"eval_loss": 0.45}), "prod", None)
     with pytest.raises(GateError, match=r"'eval_loss' = 0.62 must be <= 0.5 .*by 0.12"):
         check_gate(loss, _av(2, {"eval_loss": 0.62}), "prod", None)
-    acc = MetricGate("acc", threshold=0.9)
+    acc = MetricGate("acc", mode="max", threshold=0.9)
     with pytest.raises(GateError, match=r"'acc' = 0.85 must be >= 0.9 .*by 0.05"):
         check_gate(acc, _av(2, {"acc": 0.85}), "prod", None)
     with pytest.raises(GateError, match="has no metric 'acc'.*eval_loss"):
@@ -91,19 +91,40 @@ def test_threshold_gate_says_which_metric_failed_and_by_how_much():
 
 
 def test_no_worse_gate_compares_with_the_current_holder():
-    gate = MetricGate("eval_loss", higher_is_better=False, no_worse_than_current=True)
+    gate = MetricGate("eval_loss", mode="min", no_worse_than_current=True)
     holder = _av(1, {"eval_loss": 0.40})
     check_gate(gate, _av(2, {"eval_loss": 0.40}), "prod", holder)  # equal is not worse
     with pytest.raises(GateError, match=r"worse than the current holder m/1's 0.4 by 0.05"):
         check_gate(gate, _av(2, {"eval_loss": 0.45}), "prod", holder)
-    tolerant = MetricGate("eval_loss", higher_is_better=False, no_worse_than_current=True, tolerance=0.1)
+    tolerant = MetricGate("eval_loss", mode="min", no_worse_than_current=True, tolerance=0.1)
     check_gate(tolerant, _av(2, {"eval_loss": 0.45}), "prod", holder)
     assert "no current holder" in check_gate(gate, _av(2, {"eval_loss": 9.0}), "prod", None)
 
 
-def test_gate_that_checks_nothing_is_a_config_error():
+def test_gate_that_checks_nothing_or_has_no_direction_is_a_config_error():
     with pytest.raises(ConfigError, match="checks nothing"):
-        MetricGate("eval_loss")
+        MetricGate("eval_loss", mode="min")
+    with pytest.raises(ConfigError, match="`mode`: Field required"):
+        MetricGate("eval_loss", threshold=0.5)  # no default direction: a guess would pass what it should stop
+    with pytest.raises(ConfigError, match="`mode`: Input should be 'min' or 'max'"):
+        MetricGate("eval_loss", mode="lower", threshold=0.5)
+    with pytest.raises(ConfigError, match="`threshold`: Input should be a finite number"):
+        MetricGate("eval_loss", mode="min", threshold=float("nan"))
+
+
+def test_one_gate_shape_in_the_spec_over_rest_and_in_python():
+    """The spec's gate, the REST body's gate and the Python API's gate are the same type and the same JSON."""
+    from peftray.jobspec import load_spec
+    from peftray.service.adapters_api import PromoteBody
+
+    as_json = {"metric": "eval_loss", "mode": "min", "threshold": 2.5, "no_worse_than_current": False,
+               "tolerance": 0.0}
+    spec = load_spec("jobs/tiny-lora-instruct.yaml", [f"registry.promote.gate={json.dumps(as_json)}"])
+    body = PromoteBody.model_validate({"version": 1, "alias": "production", "gate": as_json})
+    assert spec.registry.promote.gate == body.gate == MetricGate(**as_json)
+    assert spec.registry.promote.gate.to_dict() == as_json
+    with pytest.raises(ConfigError, match=r"registry\.promote\.gate`: MetricGate: `mode`: Field required"):
+        load_spec("jobs/tiny-lora-instruct.yaml", ["registry.promote.gate={metric: eval_loss, threshold: 2.5}"])
 
 
 def test_serving_base_mismatch_is_refused():
