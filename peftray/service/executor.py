@@ -63,6 +63,20 @@ class RayExecutor:
     def spec_uri(self, job_id: str) -> str:
         return f"s3://{self.config.bucket}/jobs/{job_id}/spec.json"
 
+    def result_uri(self, job_id: str) -> str:
+        """Where the driver writes the job's result record (one atomic PUT) once the adapter is registered."""
+        return f"s3://{self.config.bucket}/jobs/{job_id}/result.json"
+
+    def read_result(self, job_id: str) -> dict[str, Any] | None:
+        """The job's result record, or None if the driver wrote none."""
+        fs = self.config.s3fs()
+        fs.invalidate_cache()
+        try:
+            value = json.loads(fs.cat_file(self.result_uri(job_id)[len("s3://"):]))
+        except FileNotFoundError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def runtime_env(self) -> dict[str, Any]:
         """Built from the service's config only: endpoints (no secrets), unbuffered output, no log dedup."""
         env = {k: v for k, v in self.config.public_env().items() if k not in _NOT_FOR_JOBS}
@@ -73,7 +87,7 @@ class RayExecutor:
         """The driver's command: the stored spec, the job id and the owner (whose adapter names it may write
         and under whose prefix its run and checkpoints live). Names only: no secret is on a command line."""
         parts = [self.settings.job_python, "-m", "peftray.train", "--spec", self.spec_uri(job_id), "--job-id", job_id,
-                 "--owner", owner, *(["--owner-is-admin"] if owner_is_admin else [])]
+                 "--result", self.result_uri(job_id), "--owner", owner, *(["--owner-is-admin"] if owner_is_admin else [])]
         return " ".join(shlex.quote(p) for p in parts)
 
     def submit(self, job_id: str, owner: str, spec: dict[str, Any], owner_is_admin: bool = False) -> str:

@@ -2,10 +2,13 @@
 
 Ray is the truth about a job that has started: each pass asks Ray for the status of every `starting` or
 `running` job and moves the record along. The same pass run by a freshly started service is the restart
-reconcile: nothing lives only in memory. Progress and the final result come from lines the trainer prints:
+reconcile: nothing lives only in memory. Progress comes from the lines the trainer prints,
 
     PEFTRAY_PROGRESS {"step": 3, "total_steps": 5, "loss": 5.1, ...}
-    PEFTRAY_RESULT {"run_id": "...", "model_name": "...", "version": "1", "metrics": {...}}
+
+and the final result from the record the driver writes next to the job's spec in S3 (`jobs/<id>/result.json`:
+run id, model name, version, metrics), in one PUT after the adapter is registered: nothing is read from output
+that a worker's print could imitate or a truncated log could lose.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from peftray.service.settings import ServiceSettings
 from peftray.service.store import ACTIVE, CANCELLED, FAILED, RUNNING, STARTING, SUCCEEDED, JobRecord, JobStore
 
 log = logging.getLogger("peftray.service")
-PROGRESS, RESULT = "PEFTRAY_PROGRESS ", "PEFTRAY_RESULT "
+PROGRESS = "PEFTRAY_PROGRESS "
 ERROR_CHARS = 8000
 # Ray's log API returns the whole log: once a job reports progress, read it at most this often.
 PROGRESS_SCAN_S = 2.0
@@ -116,7 +119,7 @@ class Scheduler:
         if info.status == "RUNNING":
             self.store.transition(job.id, RUNNING, "the Ray job is running", [STARTING])
         elif info.status == "SUCCEEDED":
-            self._succeeded(job, text)
+            self._succeeded(job)
         elif info.status == "FAILED":
             tail = "\n".join(text.splitlines()[-40:])
             error = f"{info.message or 'the Ray job failed'}\n--- last lines of the job log ---\n{tail}"
@@ -141,12 +144,12 @@ class Scheduler:
             self.store.add_event(job.id, "progress", newer[-1])
             self.store.update(job.id, progress=newer[-1])
 
-    def _succeeded(self, job: JobRecord, text: str) -> None:
-        results = parse_marked(text, RESULT)
-        if not results:
-            self.store.transition(job.id, SUCCEEDED, "the job exited 0 but printed no PEFTRAY_RESULT line", ACTIVE)
+    def _succeeded(self, job: JobRecord) -> None:
+        result = self.executor.read_result(job.id)
+        if result is None:
+            self.store.transition(job.id, SUCCEEDED, "the job exited 0 but wrote no result record "
+                                  f"({self.executor.result_uri(job.id)})", ACTIVE)
             return
-        result = results[-1]
         version = result.get("version")
         fields = {"mlflow_run_id": result.get("run_id"), "model_name": result.get("model_name"),
                   "model_version": None if version is None else str(version), "metrics": result.get("metrics")}

@@ -5,6 +5,8 @@ One service for the module: at most 2 jobs at once, 1 per user, so a user's seco
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -156,6 +158,9 @@ def _check_registered(stack, job: dict) -> None:
     assert run.info.status == "FINISHED"
     versions = {v.version: v for v in registry.list_versions(job["model_name"], stack)}
     assert versions[int(job["model_version"])].run_id == job["mlflow_run_id"]
+    # the service took the result from the record the driver wrote next to the job's spec, not from its log
+    record = json.loads(stack.s3fs().cat_file(f"{stack.bucket}/jobs/{job['id']}/result.json"))
+    assert (record["run_id"], str(record["version"])) == (job["mlflow_run_id"], job["model_version"])
 
 
 def test_cancel_running_job_stops_ray_and_registers_nothing(stack, clients, long_job):
