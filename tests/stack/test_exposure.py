@@ -94,7 +94,7 @@ def _ray_records(stack) -> str:
     client = JobSubmissionClient(stack.ray_dashboard_url,
                                  headers={"Authorization": f"Bearer {stack.ray_auth_token}"})
     jobs = [j.dict() if hasattr(j, "dict") else vars(j) for j in client.list_jobs()]
-    actors = [dict(a.__dict__) if hasattr(a, "__dict__") else a for a in list_actors(detail=True, limit=10000)]
+    actors = [dict(a.__dict__) if hasattr(a, "__dict__") else a for a in list_actors(address=stack.ray_address, detail=True, limit=10000)]
     serve = httpx.get(f"{stack.ray_dashboard_url}/api/serve/applications/",
                       headers={"Authorization": f"Bearer {stack.ray_auth_token}"}, timeout=30).text
     return json.dumps({"jobs": jobs, "actors": actors}, default=str) + serve

@@ -111,7 +111,9 @@ def _our_train_workers(ray_session) -> list:
     from ray.util.state import list_actors
 
     job_id = ray_session.get_runtime_context().get_job_id()
-    return [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    address = ray_session.get_runtime_context().gcs_address  # this cluster's, not another Ray on the machine
+    return [a for a in list_actors(address=address,
+                                   filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                                    detail=True, raise_on_missing_output=False)
             if a.job_id == job_id and a.pid]
 

@@ -47,7 +47,8 @@ def _complete_checkpoint(fs, root: str, step: int) -> bool:
     return all(fs.exists(f"{folder}/{name}") for name in checkpoint.FILES)
 
 
-def _kill_worker_once_stored(client, ray_id: str, fs, root: str, step: int, done: threading.Event) -> int:
+def _kill_worker_once_stored(client, address: str, ray_id: str, fs, root: str, step: int,
+                             done: threading.Event) -> int:
     """SIGKILL the job's training worker as soon as the checkpoint of `step` is wholly in storage."""
     from ray.util.state import list_actors
 
@@ -57,7 +58,8 @@ def _kill_worker_once_stored(client, ray_id: str, fs, root: str, step: int, done
         assert time.monotonic() < deadline, f"no checkpoint of step {step} appeared"
         time.sleep(0.05)
     job_id = client.get_job_info(ray_id).job_id
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    workers = [a for a in list_actors(address=address,
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                                       detail=True, raise_on_missing_output=False) if a.job_id == job_id and a.pid]
     assert len(workers) == 1, workers
     os.kill(workers[0].pid, signal.SIGKILL)
@@ -80,7 +82,7 @@ def test_checkpoint_written_after_the_last_poll_is_resumed_and_progress_printed_
     prefix, run_name = run_folder(load_spec(spec), "alice")
     done = threading.Event()
     killer = threading.Thread(target=lambda: kills.append(_kill_worker_once_stored(
-        executor.client, ray_id, stack.s3fs(), f"{stack.bucket}/{prefix}/{run_name}", 15, done)), daemon=True)
+        executor.client, stack.ray_address, ray_id, stack.s3fs(), f"{stack.bucket}/{prefix}/{run_name}", 15, done)), daemon=True)
     kills: list[int] = []
     killer.start()
     try:
