@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_LLAMA_VERSION = 1  # bump when the recipe changes, so cached folders are rebuilt
@@ -95,8 +96,21 @@ def make_tiny_llama(path: str | os.PathLike, spec: TinyLlamaSpec | None = None, 
     folder first and renamed into place, so a crash never leaves a half-written model behind.
     """
     spec = spec or TinyLlamaSpec()
-    out = Path(path).absolute()
     marker = {"peftray_tiny_llama": TINY_LLAMA_VERSION, **asdict(spec)}
+    return build_model_folder(path, marker, lambda tmp: _write_model(spec, _train_tokenizer(spec.vocab_size), tmp),
+                              overwrite, "tiny model")
+
+
+def build_model_folder(path: str | os.PathLike, marker: dict, write: Callable[[Path], None], overwrite: bool,
+                       what: str) -> Path:
+    """Make a model folder at `path` with `write(tmp_folder)`, stamped with `marker`; reuse one with that stamp.
+
+    Written to a temporary sibling folder and renamed into place, so a crash never leaves half a model.
+
+    Raises:
+        FileExistsError: `path` holds something else and `overwrite` is False.
+    """
+    out = Path(path).absolute()
     stamp = out / "peftray_model.json"
     if out.exists() and not overwrite:
         try:
@@ -105,13 +119,12 @@ def make_tiny_llama(path: str | os.PathLike, spec: TinyLlamaSpec | None = None, 
         except (OSError, ValueError):
             pass
         if any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a tiny model made with this spec; pass overwrite=True "
+            raise FileExistsError(f"{out} exists and is not a {what} made with this spec; pass overwrite=True "
                                   "(or --overwrite) or choose another path.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokenizer = _train_tokenizer(spec.vocab_size)
-        _write_model(spec, tokenizer, tmp)
+        write(tmp)
         (tmp / "peftray_model.json").write_text(json.dumps(marker, indent=2))
         if out.exists():
             shutil.rmtree(out)

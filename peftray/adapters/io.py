@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import save as st_save
 from peftray.adapters.format import (
     CONFIG_NAME, SAFETENSORS_HINT, WEIGHTS_NAME, check_safetensors, is_pickle, parse_config,
 )
+from peftray.adapters.diffusers_lora import DIFFUSERS_WEIGHTS_NAME, from_diffusers, to_diffusers
 from peftray.errors import AdapterFormatError
 from peftray.tuners.methods import config_from_dict
 
@@ -83,6 +85,8 @@ def _read_config(folder: _Folder):
 def read_adapter(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """(config, state_dict) of the adapter in `path`, tensors keyed by their HF PEFT names."""
     folder = _Folder(path, storage_options)
+    if not folder.exists(CONFIG_NAME) and folder.exists(DIFFUSERS_WEIGHTS_NAME):
+        return _read_diffusers(folder)
     config = _read_config(folder)
     if not folder.exists(WEIGHTS_NAME):
         pickled = [n for n in folder.names() if is_pickle(n)]
@@ -92,6 +96,16 @@ def read_adapter(path: str | os.PathLike, storage_options: dict | None = None) -
                 + SAFETENSORS_HINT)
         raise AdapterFormatError(f"no {WEIGHTS_NAME} in {folder.path}.")
     return config, load_safetensors_bytes(folder.read(WEIGHTS_NAME), folder.join(WEIGHTS_NAME))
+
+
+def _read_diffusers(folder: _Folder) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A diffusers pipeline LoRA folder (only pytorch_lora_weights.safetensors) as (config, HF PEFT tensors)."""
+    where = folder.join(DIFFUSERS_WEIGHTS_NAME)
+    data = folder.read(DIFFUSERS_WEIGHTS_NAME)
+    tensors = load_safetensors_bytes(data, where)
+    (n,) = struct.unpack("<Q", data[:8])  # a valid file: load_safetensors_bytes checked its header
+    config, state = from_diffusers(tensors, json.loads(data[8:8 + n]).get("__metadata__"), where)
+    return config_from_dict(config), state
 
 
 def load_safetensors_bytes(data: bytes, where: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
@@ -127,3 +141,10 @@ def model_card(base_model: str | None, method: str) -> str:
     lines += [f"- {method.lower()}", "- transformers", "---", "", "# Adapter", "",
               f"A {method} adapter in the Hugging Face PEFT format, written by peftray.", ""]
     return "\n".join(lines)
+
+
+def write_diffusers_lora(path: str | os.PathLike, config: Any, state: dict[str, torch.Tensor],
+                         storage_options: dict | None = None) -> None:
+    """Write diffusers' pytorch_lora_weights.safetensors for a UNet adapter (what load_lora_weights reads)."""
+    tensors, metadata = to_diffusers(config.to_dict(), state)
+    _Folder(path, storage_options).write(DIFFUSERS_WEIGHTS_NAME, st_save(tensors, metadata=metadata))

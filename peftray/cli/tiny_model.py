@@ -1,4 +1,4 @@
-"""`peftray make-tiny-model PATH`."""
+"""`peftray make-tiny-model [--kind llama|sd] PATH`."""
 
 from __future__ import annotations
 
@@ -8,16 +8,30 @@ from peftray.base_models import TinyLlamaSpec, make_tiny_llama
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="output folder (a Hugging Face model folder)")
+    p.add_argument("path", help="output folder (a Hugging Face model folder; for --kind sd a diffusers pipeline folder)")
+    p.add_argument("--kind", choices=("llama", "sd"), default="llama",
+                   help="llama: the tiny causal LM; sd: a tiny Stable Diffusion pipeline (text_to_image)")
     p.add_argument("--hidden-size", type=int, default=TinyLlamaSpec.hidden_size)
     p.add_argument("--layers", type=int, default=TinyLlamaSpec.num_hidden_layers)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="sd: what the scheduler's UNet predicts")
     p.add_argument("--overwrite", action="store_true", help="replace the folder if it holds something else")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    if args.kind == "sd":
+        return _run_sd(args)
     spec = TinyLlamaSpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                          intermediate_size=2 * args.hidden_size)
     out = make_tiny_llama(args.path, spec, overwrite=args.overwrite)
     print(f"tiny Llama model written to {out}")
+    return 0
+
+
+def _run_sd(args) -> int:
+    from peftray.tiny_sd import TinySDSpec, make_tiny_sd
+
+    out = make_tiny_sd(args.path, TinySDSpec(prediction_type=args.prediction_type), overwrite=args.overwrite)
+    print(f"tiny Stable Diffusion pipeline written to {out}")
     return 0

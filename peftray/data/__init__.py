@@ -11,6 +11,7 @@ from typing import Any
 
 from peftray.data.batches import BatchPlan, collate, eval_batches, total_steps
 from peftray.data.formats import IGNORE, check_columns, encode_rows, label_names
+from peftray.data.images import encode_image_captions
 from peftray.data.preference import Skipped, encode_preferences
 from peftray.errors import ConfigError
 from peftray.data.sources import SourceRows, load_rows, split_eval
@@ -34,13 +35,14 @@ class PreparedData:
         return sum(len(e["input_ids"]) for e in self.train)
 
 
-def prepare_data(spec, tokenizer, config=None) -> PreparedData:
+def prepare_data(spec, tokenizer, config=None, image_size: int | None = None) -> PreparedData:
     """Load, split and tokenize `spec.dataset` with `tokenizer`.
 
     Args:
         spec: the `JobSpec` (its `dataset` section and `training.seed` are used).
         tokenizer: the base model's tokenizer.
         config: a `peftray.endpoints.Config` for s3:// sources; default `load_config()`.
+        image_size: image_caption: the square size images are resized to (the model's input).
 
     Raises:
         ConfigError: the source is missing, a column is missing (the message lists those that exist),
@@ -49,6 +51,8 @@ def prepare_data(spec, tokenizer, config=None) -> PreparedData:
     ds = spec.dataset
     rows = load_rows(ds, config, seed=spec.training.seed)
     check_columns(rows.train, ds, rows.columns)
+    if ds.format == "image_caption":
+        return _image_captions(spec, tokenizer, rows, config, image_size)
     if ds.format == "preference":
         skipped = Skipped()
         train = encode_preferences(rows.train, ds, tokenizer, rows.train_rows, skipped)
@@ -60,3 +64,12 @@ def prepare_data(spec, tokenizer, config=None) -> PreparedData:
     train = encode_rows(rows.train, ds, tokenizer, names, rows.train_rows)
     evals = encode_rows(rows.eval, ds, tokenizer, names, rows.eval_rows)
     return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint, label_names=names)
+
+
+def _image_captions(spec, tokenizer, rows: SourceRows, config, image_size: int | None) -> PreparedData:
+    if not image_size:
+        raise ConfigError("dataset.format 'image_caption' needs the model's image size; use task text_to_image")
+    ds = spec.dataset
+    train = encode_image_captions(rows.train, ds, tokenizer, image_size, rows.train_rows, config)
+    evals = encode_image_captions(rows.eval, ds, tokenizer, image_size, rows.eval_rows, config)
+    return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint)

@@ -28,6 +28,7 @@ def check_columns(rows: list[dict], ds: DatasetSpec, columns: list[str]) -> None
         "classification": [("text_field", ds.text_field), ("label_field", ds.label_field)],
         "preference": [("prompt_field", ds.prompt_field), ("chosen_field", ds.chosen_field),
                        ("rejected_field", ds.rejected_field)],
+        "image_caption": [("image_field", ds.image_field), ("caption_field", ds.caption_field)],
     }[ds.format]
     for field, column in need:
         if column not in columns:

@@ -67,7 +67,7 @@ class DatasetSpec(_Strict):
     """Where the rows come from and how they become token ids and labels."""
 
     source: str = Field(description="local .json/.jsonl/.csv/.parquet file, s3:// URI, or hub dataset id")
-    format: Literal["text", "instruction", "chat", "classification", "preference"]
+    format: Literal["text", "instruction", "chat", "classification", "preference", "image_caption"]
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="split to train on (hub datasets; local files have only 'train')")
     eval_split: str | None = Field(None, description="split to evaluate on; else eval_fraction of the rows")
@@ -81,6 +81,9 @@ class DatasetSpec(_Strict):
     rejected_field: str = Field("rejected", description="preference: the dispreferred completion")
     label_field: str = "label"
     labels: list[str] | None = Field(None, description="class names in label-id order (classification)")
+    image_field: str = Field("image", description="image_caption: the image path (relative to the file), s3:// "
+                                                  "URI, data: URI or bytes column")
+    caption_field: str = Field("caption", description="image_caption: the caption column")
     max_seq_len: int = Field(512, gt=0)
     max_prompt_len: int | None = Field(
         None, gt=0, description="preference: a prompt is cut to its last N tokens when prompt + completion is longer "
@@ -129,6 +132,8 @@ class TrainingSpec(_Strict):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: the loss on the reward margin")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed flipped "
                                                                    "(conservative DPO)")
+    snr_gamma: float | None = Field(None, gt=0, description="text_to_image: min-SNR-gamma loss weighting (5.0 is "
+                                                             "the paper's choice); unset = plain MSE")
     reference: Literal["adapter_disabled", "precomputed"] = Field(
         "adapter_disabled", description="dpo: the reference policy is the base with the adapter switched off, "
                                         "run every step (adapter_disabled) or once before training (precomputed)")
@@ -229,6 +234,8 @@ class JobSpec(_Strict):
             raise ValueError(f"`training.objective: {self.training.objective}` needs dataset.format "
                              f"'{'preference' if preference else 'text, instruction or chat'}', got "
                              f"'{self.dataset.format}'")
+        if self.training.snr_gamma is not None and not TASKS[self.task].diffusion:
+            raise ValueError(f"`training.snr_gamma` applies to task text_to_image, got task '{self.task}'")
         if self.quantization and self.resources.use_tpu:
             raise ValueError("quantization (bitsandbytes) is not supported on TPU; remove `quantization`")
         if self.quantization and not method_for_spec(self.adapter.method).adapts_weights:

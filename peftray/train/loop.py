@@ -23,13 +23,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from peftray.data import BatchPlan, PreparedData, eval_batches, prepare_data, total_steps
+from peftray.data import BatchPlan, PreparedData, eval_batches, total_steps
 from peftray.errors import ConfigError, NonFiniteError
 from peftray.jobspec import JobSpec
 from peftray.train import checkpoint
 from peftray.train.objectives import Step, needs_reference_table, objective_of
 from peftray.train.preference import reference_logps
-from peftray.train.model import load_base, load_tokenizer, resolve_base, wrap
+from peftray.train.model import load_base, load_text_to_image, resolve_base, tokenizer_and_data, wrap
+from peftray.tuners.tasks import TASKS
 from peftray.train.schedule import make_optimizer, make_scheduler
 
 @dataclass
@@ -42,6 +43,7 @@ class LoopContext:
     report: Callable[[dict, Path | None], None]  # metrics, checkpoint folder (rank 0) or None
     resume_from: Callable[[], contextlib.AbstractContextManager]  # yields a local folder or None
     log: Callable[[dict, int], None] = lambda metrics, step: None  # MLflow (rank 0 only)
+    artifact: Callable[[Path, str], None] = lambda path, folder: None  # a file into the run's artifacts (rank 0)
     config: Any = None  # peftray Config for s3:// sources
     workdir: Path = field(default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")))
 
@@ -66,13 +68,15 @@ class Job:
 def build(spec: JobSpec, ctx: LoopContext) -> Job:
     """Load tokenizer, data, base model and adapter; make the optimizer and scheduler."""
     path = resolve_base(spec, ctx.config)
-    tok = load_tokenizer(spec, path)
-    data = prepare_data(spec, tok, ctx.config)
+    tok, data = tokenizer_and_data(spec, path, ctx.config)
     t = spec.training
     plan = BatchPlan(len(data.train), t.batch_size, ctx.world_size, t.gradient_accumulation_steps, t.seed)
     plan.check()
     total = total_steps(plan, t.epochs, t.max_steps)
-    model = wrap(spec, load_base(spec, path, tok, data.label_names, ctx.device), spec.base_model.path)
+    if TASKS[spec.task].diffusion:
+        model = load_text_to_image(spec, path, data, ctx.device)
+    else:
+        model = wrap(spec, load_base(spec, path, tok, data.label_names, ctx.device), spec.base_model.path)
     model.train()
     ddp = model
     if ctx.world_size > 1 and dist.is_initialized():
@@ -103,6 +107,7 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
         t = spec.training
         if t.eval_every and done % t.eval_every == 0 and done < job.total and job.data.eval:
             metrics.update(evaluate(job, ctx))
+            _samples(job, ctx, done)
         ctx.log(metrics, done)
         _progress(spec, ctx, done, job.total, metrics)
         # Ray Train gets a result only with a checkpoint (and the final one): its report() hands results over
@@ -114,8 +119,23 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
              "total_steps": float(job.total), "train_seconds": seconds,
              "train_tokens_per_s": tokens / seconds if seconds else 0.0}
     ctx.log({k: v for k, v in final.items() if k.startswith("eval_")}, job.total)  # step metrics are logged
+    if job.data.eval:
+        _samples(job, ctx, job.total)
     ctx.report(final, _save(job, ctx, job.total, final))
     return final
+
+
+def _samples(job: Job, ctx: LoopContext, step: int) -> None:
+    """text_to_image: after an evaluation, rank 0 logs a grid of images generated for eval captions
+    (`samples/step_000010.png` in the run's artifacts)."""
+    if ctx.rank != 0 or not hasattr(job.model, "sample_grid"):
+        return
+    from peftray.train.diffusion import sample_captions
+
+    path = ctx.workdir / f"peftray-samples-{job.spec.name}-{os.getpid()}" / f"step_{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job.model.sample_grid(sample_captions(job.data.eval), seed=job.spec.training.seed).save(path)
+    ctx.artifact(path, "samples")
 
 
 def _attach_reference(job: Job, ctx: LoopContext) -> None:

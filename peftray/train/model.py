@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from peftray.data import PreparedData, prepare_data
 from peftray.errors import ConfigError
 from peftray.jobspec import JobSpec
+from peftray.train import diffusion
 from peftray.tuners.methods import method_for_spec
 from peftray.tuners.tasks import TASKS
 
@@ -18,6 +22,28 @@ def resolve_base(spec: JobSpec, config=None) -> str:
     from peftray.base_models import local_model_dir
 
     return local_model_dir(spec.base_model.path, config, field="base_model.path")
+
+
+def tokenizer_and_data(spec: JobSpec, path: str, config=None) -> tuple[Any, PreparedData]:
+    """The base's tokenizer and the prepared dataset; a task/base mismatch is refused first."""
+    diffusion.check_base(spec, path)
+    if not TASKS[spec.task].diffusion:
+        tok = load_tokenizer(spec, path)
+        return tok, prepare_data(spec, tok, config)
+    tok = diffusion.load_tokenizer(spec, path)
+    return tok, prepare_data(spec, tok, config, image_size=diffusion.image_size(spec, path))
+
+
+def load_text_to_image(spec: JobSpec, path: str, data: PreparedData, device: torch.device):
+    """The pipeline's UNet wrapped with the spec's adapter, inside a `TextToImageModel`; the data's images are
+    encoded into latents once, here."""
+    dtype = DTYPES.get(spec.base_model.dtype) or PRECISION_DTYPES[spec.training.precision]
+    parts = diffusion.load_parts(spec, path, dtype, device)
+    model = diffusion.TextToImageModel(wrap(spec, parts["unet"], spec.base_model.path), parts,
+                                       spec.training.snr_gamma)
+    diffusion.attach_latents(model, data.train, 0)
+    diffusion.attach_latents(model, data.eval, len(data.train))
+    return model
 
 
 def load_tokenizer(spec: JobSpec, path: str):

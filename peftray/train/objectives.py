@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from peftray.data import collate
-from peftray.train import preference
+from peftray.train import diffusion, preference
 from peftray.tuners.tasks import TASKS
 
 
@@ -134,9 +134,13 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# text_to_image's noise-prediction loss: chosen by the task, not by `training.objective` (which stays sft)
+DIFFUSION = Objective("diffusion", diffusion.collate, diffusion.counts, diffusion.loss, diffusion.metrics)
+
+
 def objective_of(spec) -> Objective:
-    """The table's entry for `spec.training.objective`."""
-    return OBJECTIVES[spec.training.objective]
+    """The table's entry for `spec.training.objective` (the diffusion loss for a diffusion task)."""
+    return DIFFUSION if TASKS[spec.task].diffusion else OBJECTIVES[spec.training.objective]
 
 
 def needs_reference_table(spec) -> bool:

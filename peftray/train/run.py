@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from peftray.endpoints import Config, keep_loopback_ray, load_config
-from peftray.data import BatchPlan, prepare_data
+from peftray.data import BatchPlan
 from peftray.errors import GateError, PeftrayError
 from peftray.jobspec import JobSpec, load_spec
 from peftray.train import checkpoint
 from peftray.train.loop import check_precision
-from peftray.train.model import check_quantization, load_tokenizer, resolve_base
+from peftray.train.model import check_quantization, resolve_base, tokenizer_and_data
 from peftray.train.scaling import check_cluster, scaling_config, torch_backend
 from peftray.train.tracking import OPERATOR
 
@@ -78,8 +78,7 @@ def preflight(spec: JobSpec, cfg: Config) -> str:
     check_cluster(spec.resources, ray.cluster_resources())
     check_quantization(spec)
     check_precision(spec)
-    tok = load_tokenizer(spec, resolve_base(spec, cfg))
-    data = prepare_data(spec, tok, cfg)
+    _, data = tokenizer_and_data(spec, resolve_base(spec, cfg), cfg)
     t = spec.training
     BatchPlan(len(data.train), t.batch_size, spec.resources.num_workers, t.gradient_accumulation_steps, t.seed).check()
     return data.fingerprint

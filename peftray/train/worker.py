@@ -61,6 +61,11 @@ class MlflowLogger:
                 or any(k.startswith("eval_") for k in metrics)):
             self.flush()
 
+    def artifact(self, path: Path, folder: str) -> None:
+        """Upload one file into the run's artifacts under `folder` (no-op without a run)."""
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
     def flush(self) -> None:
         if self.client is not None and self._buffer:
             batch, self._buffer = self._buffer, []
@@ -134,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log=MlflowLogger(loop_config.get("run_id") if rank == 0 else None, cfg), config=cfg,
         workdir=Path(tempfile.gettempdir()),
     )
+    ctx.artifact = ctx.log.artifact
     try:
         train(spec, ctx)
     finally:

@@ -20,13 +20,16 @@ class Task:
         dataset_formats: the `dataset.format`s whose rows it trains on.
         classification: rows carry one class label each (the head is sized from the label names; the eval
             reports accuracy) rather than next-token labels.
+        diffusion: the base is a diffusers pipeline folder; the adapter goes on its UNet and the loss is the
+            scheduler's noise-prediction loss (peftray.train.diffusion).
     """
 
     name: str
-    task_type: str
+    task_type: str | None
     auto_model: str
     dataset_formats: tuple[str, ...]
     classification: bool = False
+    diffusion: bool = False
 
 
 TASKS: dict[str, Task] = {}
@@ -41,3 +44,4 @@ def register_task(task: Task) -> None:
 register_task(Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", ("text", "instruction", "chat", "preference")))
 register_task(Task("seq_cls", "SEQ_CLS", "AutoModelForSequenceClassification", ("classification",),
                    classification=True))
+register_task(Task("text_to_image", None, "UNet2DConditionModel", ("image_caption",), diffusion=True))
