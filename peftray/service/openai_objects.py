@@ -52,6 +52,7 @@ def job_object(ft: FineTuningRecord, job: JobRecord) -> dict[str, Any]:
         "trained_tokens": int(tokens) if status == "succeeded" and tokens else None,
         "error": error, "estimated_finish": _estimated_finish(job) if status == "running" else None,
         "integrations": [], "user_provided_suffix": req["suffix"],
+        "peftray_job_ids": list(ft.job_ids),  # the peftray jobs behind it (their logs: GET /v1/jobs/{id}/logs)
     }
 
 
