@@ -80,3 +80,10 @@ class ConflictError(PeftrayError):
 
     code = "conflict"
     http_status = 409
+
+
+class QuotaError(PeftrayError):
+    """A request over one of the caller's quotas (jobs running at once, bytes stored); says which limit."""
+
+    code = "quota_exceeded"
+    http_status = 429

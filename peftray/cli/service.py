@@ -14,6 +14,9 @@ def register(p: argparse.ArgumentParser) -> None:
                                      "e.g. postgresql+psycopg://127.0.0.1:5432/peftray")
     up.add_argument("--max-running", type=int, help="jobs running at once, service-wide (default 2)")
     up.add_argument("--max-running-per-user", type=int, help="jobs running at once per user (default 2)")
+    up.add_argument("--base-model", action="append", metavar="NAME=PATH_OR_URI", default=[],
+                    help="a base model the OpenAI fine-tuning API offers as `model` NAME (repeatable): a folder, "
+                         "hub id or s3:// URI")
     up.set_defaults(func=_up)
     sub.add_parser("status", help="print the control plane's pid, URL and health").set_defaults(func=_status)
     sub.add_parser("down", help="stop the control plane (jobs keep running on Ray)").set_defaults(func=_down)
@@ -51,6 +54,11 @@ def _up(args) -> int:
     env = {k: str(v) for k, v in (("PEFTRAY_SERVICE_DB_URL", args.db_url),
                                   ("PEFTRAY_SERVICE_MAX_RUNNING", args.max_running),
                                   ("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", args.max_running_per_user)) if v is not None}
+    if args.base_model:
+        from peftray.service.settings import parse_base_models
+
+        models = parse_base_models(",".join(args.base_model))  # a bad NAME=PATH fails here, not in the server
+        env["PEFTRAY_SERVICE_BASE_MODELS"] = ",".join(f"{k}={v}" for k, v in models.items())
     svc = control_plane.up(args.state_dir, env)
     print(f"control plane at {svc.url} (pid {svc.proc.pid}, log {svc.proc.log})")
     print("the CLI finds it through the stack's state folder; elsewhere set PEFTRAY_SERVICE_URL and PEFTRAY_TOKEN")

@@ -51,6 +51,10 @@ def load_rows(ds: DatasetSpec, config=None, seed: int = 0) -> SourceRows:
         rows = _parse(raw, ds.source)
         fingerprint = hashlib.sha256(raw).hexdigest()
         eval_rows: list[dict[str, Any]] | None = None
+        if ds.eval_source:  # a file of its own (the OpenAI API's validation_file)
+            raw_eval = _read_bytes(ds.eval_source, config)
+            eval_rows = _parse(raw_eval, ds.eval_source)
+            fingerprint = hashlib.sha256(raw + raw_eval).hexdigest()
     else:
         rows = _hub_rows(ds, ds.split)
         eval_rows = _hub_rows(ds, ds.eval_split) if ds.eval_split else None

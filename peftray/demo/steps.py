@@ -21,7 +21,9 @@ def start_stack(opts) -> Config:
     from peftray.stack import control_plane
 
     stack.up(stack.Options(state_dir=opts.state_dir), progress=lambda m: opts.out(f"      {m}"))
-    svc = control_plane.up(opts.state_dir)
+    # the OpenAI fine-tuning API offers the tiny model (written in step 2) as `model="tiny-llama"`
+    model = Path(opts.model_dir or opts.repo_dir / "models" / "tiny-llama").absolute()
+    svc = control_plane.up(opts.state_dir, {"PEFTRAY_SERVICE_BASE_MODELS": f"tiny-llama={model}"})
     opts.out(f"      control plane at {svc.url}")
     return load_config(opts.state_dir)
 

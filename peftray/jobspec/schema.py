@@ -72,6 +72,8 @@ class DatasetSpec(_Strict):
     split: str = Field("train", description="split to train on (hub datasets; local files have only 'train')")
     eval_split: str | None = Field(None, description="split to evaluate on; else eval_fraction of the rows")
     eval_fraction: float = Field(0.1, ge=0, lt=1)
+    eval_source: str | None = Field(None, description="a file (local or s3://) of eval rows in the same format; "
+                                                      "replaces eval_fraction (files only)")
     max_rows: int | None = Field(None, gt=0, description="use only the first N rows (smoke runs)")
     text_field: str = "text"
     prompt_field: str = "prompt"

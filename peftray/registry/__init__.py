@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from peftray.registry.browse import diff_versions, list_adapters, list_versions
 from peftray.registry.fetch import fetch
+from peftray.registry.finetuned import resolve_fine_tuned
 from peftray.registry.promote import alias_state, audit_log, promote, rollback
 from peftray.registry.register import register_adapter
 from peftray.registry.resolve import parse_ref, resolve
@@ -19,5 +20,6 @@ from peftray.registry.types import AdapterSummary, AdapterVersion, MetricGate
 
 __all__ = [
     "AdapterSummary", "AdapterVersion", "MetricGate", "alias_state", "audit_log", "diff_versions", "fetch",
-    "list_adapters", "list_versions", "parse_ref", "promote", "register_adapter", "resolve", "rollback",
+    "list_adapters", "list_versions", "parse_ref", "promote", "register_adapter", "resolve", "resolve_fine_tuned",
+    "rollback",
 ]

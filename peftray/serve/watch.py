@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from peftray.errors import ConfigError, NotFoundError
+from peftray.registry.finetuned import FT_TAG, is_fine_tuned, parse_fine_tuned
 from peftray.serve.serve_spec import ServeConfig
 
 
@@ -75,6 +76,8 @@ class ModelResolver:
             raise ConfigError("`model` must name the base model or an adapter (name@alias, name/3).")
         if self.is_base(model):
             return Target(model)
+        if is_fine_tuned(model):
+            return self._fine_tuned(model)
         try:
             ref = parse_ref(model)
         except NotFoundError:
@@ -84,7 +87,23 @@ class ModelResolver:
             raise NotFoundError(f"The model `{model}` does not exist on this deployment (it serves: "
                                 f"{', '.join(self.spec.adapters)}).")
         version = ref.version if ref.version is not None else self._alias_version(ref.name, ref.alias)
-        av = self._version(ref.name, version)
+        return self._target(model, self._version(ref.name, version))
+
+    def _fine_tuned(self, model: str) -> Target:
+        """`ft:<base>:<owner>:<suffix>:<job id>[:ckpt-step-<n>]`: the adapter version tagged with that name."""
+        ref = parse_fine_tuned(model)
+        if not self.allowed(ref.adapter, model):
+            raise NotFoundError(f"The model `{model}` does not exist on this deployment (it serves: "
+                                f"{', '.join(self.spec.adapters)}).")
+        with self._lock:
+            av = self._versions.get(model)
+        if av is None:  # a fine-tuned name stands for one version for good: cached like `name/3`
+            av = self.registry.resolve_fine_tuned(model)
+            with self._lock:
+                self._versions[model] = av
+        return self._target(model, av)
+
+    def _target(self, model: str, av) -> Target:
         if not _same_base(av.base_model, self.spec.base_model):
             raise ConfigError(f"adapter {av.name}/{av.version} was trained for base model {av.base_model!r}, but "
                               f"this deployment serves {self.spec.served_model_id!r}; send it to a deployment of "
@@ -144,10 +163,15 @@ class ModelResolver:
                     av = self._version(name, version)
                 except NotFoundError:
                     continue
-                if _same_base(av.base_model, self.spec.base_model):
-                    out.append({"id": ref, "object": "model", "created": int((av.created_at_ms or 0) // 1000),
-                                "owned_by": "peftray", "root": f"{name}/{version}", "parent": base,
-                                "version": int(version), "method": av.method})
+                if not _same_base(av.base_model, self.spec.base_model):
+                    continue
+                # a fine-tuning job's adapter is listed under its `ft:` name too
+                for listed_as in (ref, av.tags.get(FT_TAG)):
+                    if listed_as and (listed_as == ref or listed_as not in seen):
+                        seen.add(listed_as)
+                        out.append({"id": listed_as, "object": "model", "owned_by": "peftray",
+                                    "created": int((av.created_at_ms or 0) // 1000), "root": f"{name}/{version}",
+                                    "parent": base, "version": int(version), "method": av.method})
         return out
 
     def _expand(self, entry: str, summaries: Optional[dict]) -> list[tuple[str, str, int]]:

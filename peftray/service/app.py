@@ -1,7 +1,8 @@
 """The control plane's REST API (FastAPI): jobs, their events and logs, adapters, tokens.
 
 `create_app(settings)` builds the app; the job store, the Ray executor and the scheduler thread live on
-`app.state` and start with the app. Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
+`app.state` and start with the app. Every error is JSON in OpenAI's error shape:
+`{"error": {"code": ..., "message": ..., "type": ..., "param": ...}}` (`param`: the field at fault, or null).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from peftray.errors import ConflictError, NotFoundError, PeftrayError
-from peftray.service import adapters_api
+from peftray.errors import NotFoundError, PeftrayError
+from peftray.service import adapters_api, openai_files, openai_jobs
 from peftray.service.admission import admit
 from peftray.service.auth import Principal, authenticate, issue_token
 from peftray.service.executor import RayExecutor
 from peftray.service.intake import read_body, validate_spec
-from peftray.service.runtime import start_state, state_of, stop_state
+from peftray.service.runtime import request_cancel, start_state, state_of, stop_state
 from peftray.service.settings import ServiceSettings
-from peftray.service.store import ACTIVE, CANCELLED, QUEUED, JobRecord, JobStore
+from peftray.service.store import JobRecord, JobStore
 
 NDJSON = "application/x-ndjson"
 JobState = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
@@ -34,21 +35,30 @@ FOLLOW_POLL_S = 0.5
 KEEPALIVE_S = 15.0
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+# OpenAI's error `type` by HTTP status (its clients map the status to an exception class anyway)
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(code: str, message: str, status: int = 400, param: str | None = None) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"code": code, "message": message, "type": kind, "param": param}}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PeftrayError)
     async def _peftray(_request: Request, exc: PeftrayError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        return JSONResponse(error_body(exc.code, str(exc)), status_code=exc.http_status, headers=headers)
+        body = error_body(exc.code, str(exc), exc.http_status, getattr(exc, "param", None))
+        return JSONResponse(body, status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'] if p != 'body')}`: {e['msg']}"
-                             for e in exc.errors())
-        return JSONResponse(error_body("invalid_request", problems), status_code=422)
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") for e in exc.errors()]
+        problems = "; ".join(f"`{f}`: {e['msg']}" for f, e in zip(fields, exc.errors()))
+        return JSONResponse(error_body("invalid_request", problems, 422, fields[0] if fields else None),
+                            status_code=422)
 
     @app.exception_handler(RecursionError)
     async def _too_deep(_request: Request, _exc: RecursionError):  # a body nested thousands of levels deep
@@ -57,24 +67,26 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(error_body("http_error", str(exc.detail), exc.status_code), status_code=exc.status_code)
 
 
 class BodyLimit:
     """ASGI middleware: refuse (413) any request whose Content-Length exceeds the limit, before reading it.
 
-    `POST /v1/jobs` also counts the bytes of bodies sent without a length (see `intake.read_body`).
+    `POST /v1/jobs` and `POST /v1/files` also count the bytes of bodies sent without a length (see
+    `intake.read_body`). File uploads (`POST /v1/files`) have their own, larger limit.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, file_limit: int):
+        self.app, self.limit, self.file_limit = app, limit, file_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
+            limit = self.file_limit if scope.get("path") == "/v1/files" else self.limit
+            if length.isdigit() and int(length) > limit:
                 body = error_body("body_too_large", f"request body is {int(length)} bytes; the limit is "
-                                  f"{self.limit} bytes. Reference datasets and models by path or URI instead.")
+                                  f"{limit} bytes. Reference datasets and models by path or URI instead.", 413)
                 return await JSONResponse(body, status_code=413)(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -118,10 +130,12 @@ def create_app(settings: ServiceSettings | None = None, manage_state: bool = Tru
                   description="Submit, track, cancel and promote parameter-efficient fine-tuning jobs on Ray.")
     app.state.settings = settings  # without manage_state, the first request starts the rest (`state_of`)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
     _job_routes(app)
     _stream_routes(app)
     adapters_api.install(app, principal)
+    openai_files.install(app, principal)
+    openai_jobs.install(app, principal)
 
     @app.get("/healthz", tags=["service"])
     def healthz(request: Request) -> dict[str, Any]:
@@ -208,19 +222,8 @@ def _job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], status_code=202)
     def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         """Cancel a job: a queued one at once; a started one by stopping its Ray job (and so its workers)."""
-        store, executor = state_of(request.app).store, state_of(request.app).executor
         job = _owned_job(request, job_id, who)
-        if job.state == QUEUED and store.transition(job.id, CANCELLED, f"cancelled by {who.user}", [QUEUED]):
-            return store.get(job.id, with_transitions=True).to_api()
-        job = store.get(job.id)
-        if job.state in ACTIVE:
-            store.update(job.id, cancel_requested=True)
-            if job.ray_job_id:
-                executor.stop(job.ray_job_id)  # the scheduler records `cancelled` once Ray shows it stopped
-            return store.get(job.id, with_transitions=True).to_api()
-        if job.state == CANCELLED:
-            return job.to_api()
-        raise ConflictError(f"job {job.id} already ended ({job.state}); there is nothing to cancel")
+        return request_cancel(state_of(request.app), job.id, who.user).to_api()
 
 
 def _stream_routes(app: FastAPI) -> None:

@@ -42,6 +42,7 @@ class ReadPolicy:
     roots: tuple[str, ...] = ()
     users: dict[str, tuple[str, ...]] = field(default_factory=dict)
     denied: tuple[str, ...] = ()
+    base_models: tuple[str, ...] = ()  # base_model.path values the admin named for everyone (exact matches)
 
     @classmethod
     def from_env(cls, bucket: str, denied: tuple[str, ...]) -> "ReadPolicy":
@@ -70,7 +71,12 @@ class ReadPolicy:
         if spec.dataset.reads_file or not HUB_ID.match(data) or os.path.lexists(data):
             spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(
                 update={"source": self._checked("dataset.source", data, user)})})
+        if spec.dataset.eval_source:
+            spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(
+                update={"eval_source": self._checked("dataset.eval_source", spec.dataset.eval_source, user)})})
         base = spec.base_model.path
+        if base in self.base_models:
+            return spec
         if not HUB_ID.match(base) or os.path.lexists(base):
             spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(
                 update={"path": self._checked("base_model.path", base, user)})})

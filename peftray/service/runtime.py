@@ -8,7 +8,8 @@ from typing import Any
 from peftray.service.executor import RayExecutor
 from peftray.service.scheduler import Scheduler
 from peftray.service.settings import ServiceSettings
-from peftray.service.store import JobStore
+from peftray.errors import ConflictError
+from peftray.service.store import ACTIVE, CANCELLED, QUEUED, JobRecord, JobStore
 
 _init_lock = threading.Lock()
 
@@ -42,3 +43,25 @@ def state_of(app: Any) -> Any:
             if not hasattr(app.state, "store"):
                 start_state(app, app.state.settings)
     return app.state
+
+
+def request_cancel(state: Any, job_id: str, user: str) -> JobRecord:
+    """Cancel a job: a queued one at once; a started one by stopping its Ray job (and so its workers).
+
+    Returns the job as it is now; a started job shows `cancelled` once the scheduler sees Ray stopped it.
+
+    Raises:
+        ConflictError: the job already succeeded or failed.
+    """
+    store, executor = state.store, state.executor
+    if store.transition(job_id, CANCELLED, f"cancelled by {user}", [QUEUED]):
+        return store.get(job_id, with_transitions=True)
+    job = store.get(job_id)
+    if job.state in ACTIVE:
+        store.update(job.id, cancel_requested=True)
+        if job.ray_job_id:
+            executor.stop(job.ray_job_id)  # the scheduler records `cancelled` once Ray shows it stopped
+        return store.get(job.id, with_transitions=True)
+    if job.state == CANCELLED:
+        return store.get(job.id, with_transitions=True)
+    raise ConflictError(f"job {job.id} already ended ({job.state}); there is nothing to cancel")

@@ -11,15 +11,23 @@
 | `PEFTRAY_JOB_PYTHON` | python executable of the job driver on the cluster | this interpreter |
 | `PEFTRAY_SERVICE_READ_ROOTS` | folders and s3:// prefixes every user's jobs may read (comma-separated) | none |
 | `PEFTRAY_SERVICE_READ_POLICY` | YAML file `{roots: [...], users: {alice: [...]}}` (see `read_policy`) | none |
+| `PEFTRAY_SERVICE_BASE_MODELS` | base models of the OpenAI fine-tuning API: `NAME=PATH_OR_URI,...` | none |
+| `PEFTRAY_SERVICE_FT_ADAPTER` | JSON adapter section of OpenAI fine-tuning jobs | `{"method": "lora"}` |
+| `PEFTRAY_SERVICE_MAX_ACTIVE_JOBS_PER_USER` | a user's jobs queued or running at once; beyond: 429 | 8 |
+| `PEFTRAY_SERVICE_MAX_STORED_BYTES_PER_USER` | bytes of files (`POST /v1/files`) a user keeps; beyond: 429 | 1 GiB |
+| `PEFTRAY_SERVICE_MAX_FILE_BYTES` | largest file upload | 64 MiB |
 
 Endpoints and credentials of S3, MLflow and Ray come from `peftray.endpoints.load_config()` as everywhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from peftray.endpoints import Config, load_config
 from peftray.errors import ConfigError
@@ -53,9 +61,16 @@ class ServiceSettings:
     job_python: str = field(default_factory=lambda: sys.executable)
     run_scheduler: bool = True
     read_policy: ReadPolicy | None = None  # None: users read only their upload prefix and hub ids
+    base_models: dict[str, str] = field(default_factory=dict)  # OpenAI `model` name -> path, hub id or s3:// URI
+    ft_adapter: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    max_active_jobs_per_user: int = 8
+    max_stored_bytes_per_user: int = 1 << 30
+    max_file_bytes: int = 64 << 20
 
     def policy(self) -> ReadPolicy:
-        return self.read_policy or ReadPolicy(self.config.bucket, denied=_private_dirs(self.config, self.db_url))
+        policy = self.read_policy or ReadPolicy(self.config.bucket, denied=_private_dirs(self.config, self.db_url))
+        # the admin named these base models for everyone: any user's job may load them
+        return dataclasses.replace(policy, base_models=tuple(self.base_models.values()))
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":
@@ -76,7 +91,42 @@ class ServiceSettings:
             poll_s=poll_s,
             job_python=os.environ.get("PEFTRAY_JOB_PYTHON") or sys.executable,
             read_policy=ReadPolicy.from_env(config.bucket, _private_dirs(config, db_url)),
+            base_models=parse_base_models(os.environ.get("PEFTRAY_SERVICE_BASE_MODELS", "")),
+            ft_adapter=_json_env("PEFTRAY_SERVICE_FT_ADAPTER", {"method": "lora"}),
+            max_active_jobs_per_user=_int_env("PEFTRAY_SERVICE_MAX_ACTIVE_JOBS_PER_USER", 8),
+            max_stored_bytes_per_user=_int_env("PEFTRAY_SERVICE_MAX_STORED_BYTES_PER_USER", 1 << 30),
+            max_file_bytes=_int_env("PEFTRAY_SERVICE_MAX_FILE_BYTES", 64 << 20),
         )
+
+
+def parse_base_models(text: str) -> dict[str, str]:
+    """`NAME=PATH_OR_URI,NAME2=...` (the form of `peftray service up --base-model`) as a mapping."""
+    from peftray.registry.finetuned import PART
+
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, where = item.partition("=")
+        if not sep or not PART.match(name.strip()) or not where.strip():
+            raise ConfigError(f"base model {item!r} must be NAME=PATH_OR_URI with NAME of letters, digits, '.', "
+                              "'-', '_' (e.g. tiny-llama=/models/tiny-llama)")
+        where = where.strip()
+        out[name.strip()] = where if "://" in where or not os.path.exists(where) else os.path.realpath(where)
+    return out
+
+
+def _json_env(name: str, default: dict[str, Any]) -> dict[str, Any]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a JSON object, got {raw!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object (an adapter section), got {raw!r}")
+    return value
 
 
 def _private_dirs(config: Config, db_url: str) -> tuple[str, ...]:
