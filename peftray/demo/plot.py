@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from peftray.stack.procs import private_dir
 
 
 def loss_history(run_id: str, config=None) -> dict[str, list[tuple[int, float]]]:
@@ -43,7 +46,12 @@ def plot_losses(runs: dict[str, str], path: Path, config=None) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # the stack's state folder is its owner's alone (0700/0600), and so is the picture put in it
+    private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path
