@@ -92,15 +92,23 @@ def structured_vs_free(engine, tok, slot, batch: int, max_tokens: int, reps: int
     from peftray.serve.engine import SamplingParams
 
     def arm(schema: Optional[dict]) -> float:
-        done = []
+        done, errors = [], []
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0)
-        threads = [threading.Thread(target=lambda i=i: done.append(engine.generate(
-            tok.encode(PROMPT.format(i=i)), params, slot, schema=schema))) for i in range(batch)]
+
+        def one(i: int) -> None:
+            try:
+                done.append(engine.generate(tok.encode(PROMPT.format(i=i)), params, slot, schema=schema))
+            except Exception as exc:  # noqa: BLE001 - reported below: a failed arm must not read as 0 tokens/s
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(batch)]
         start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {batch} requests failed; first: {errors[0]!r}") from errors[0]
         return sum(ev.completion_tokens for ev in done) / (time.perf_counter() - start)
 
     arm(SCHEMA)  # warm-up (compiles the grammar once)

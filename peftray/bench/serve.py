@@ -135,7 +135,8 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
         t_single, n_single = _run_engine(engine, [(p, slots[0]) for p in prompts], params)
         t_hf, n_hf = _hf_peft(base_dir, folders, idx, prompts, args.max_tokens)
         lat = _latency(engine, folders, prompts[0], params, args.latency_reps)
-        structured = structured_vs_free(engine, tok, slots[0], min(args.requests, 16), args.max_tokens, 3)
+        # the cold-latency loads above may have evicted a0: acquire it again (a no-op when still loaded)
+        structured = structured_vs_free(engine, tok, engine.slots.acquire("a0", folders[0]), min(args.requests, 16), args.max_tokens, 3)
     finally:
         engine.close()
     mixed, single, hf = n_mixed / t_mixed, n_single / t_single, n_hf / t_hf

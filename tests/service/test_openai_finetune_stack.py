@@ -32,7 +32,8 @@ def wait_for(predicate, what: str, timeout: float = 420.0, every: float = 0.5):
 @pytest.fixture(scope="module")
 def svc(stack, tiny_model, tmp_path_factory):
     proc = launch(stack, tmp_path_factory.mktemp("svc-openai"), base_models=f"tiny-llama={tiny_model}",
-                  max_running=1, max_running_per_user=1)
+                  max_running=1, max_running_per_user=1, max_active_jobs_per_user=2,
+                  max_stored_bytes_per_user=int(1.5 * CHAT.stat().st_size))
     admin = ServiceClient(proc.url, proc.admin_token)
     tokens = {u: admin.create_token(u) for u in ("alice", "bob")}
     clients = {u: openai.OpenAI(base_url=proc.url + "/v1", api_key=t, max_retries=0, timeout=60)
@@ -70,6 +71,9 @@ def test_whole_path_with_the_openai_client(svc, stack, ray_session, tiny_model):
                                                                  "dataset": {"max_seq_len": 96}}})
     # 3) cancelled (the service admits one job at a time: this one is still queued, or just starting)
     cancelled = alice.fine_tuning.jobs.create(model="tiny-llama", training_file=upload.id, extra_body=FAST)
+    # quota: two jobs queued or running per user here (the first one needs tens of seconds to train)
+    with pytest.raises(openai.RateLimitError, match="running jobs quota: you have 2 jobs queued or running"):
+        alice.fine_tuning.jobs.create(model="tiny-llama", training_file=upload.id, extra_body=FAST)
     assert alice.fine_tuning.jobs.cancel(cancelled.id).status in ("cancelled", "queued", "running")
     assert wait_for(lambda: _ended(alice, cancelled.id), "the cancelled job").status == "cancelled"
 
@@ -78,6 +82,16 @@ def test_whole_path_with_the_openai_client(svc, stack, ray_session, tiny_model):
         with pytest.raises(openai.NotFoundError):
             other()
     assert bob.fine_tuning.jobs.list().data == [] and bob.files.list().data == []
+
+    # quota: bytes kept per user (1.5 files here; alice's file is not bob's), room again after a delete
+    kept = bob.files.create(file=("a.jsonl", CHAT.read_bytes()), purpose="fine-tune")
+    with pytest.raises(openai.RateLimitError, match="stored bytes quota"):
+        bob.files.create(file=("b.jsonl", CHAT.read_bytes()), purpose="fine-tune")
+    assert [f.id for f in bob.files.list().data] == [kept.id]
+    assert bob.files.delete(kept.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(kept.id)
+    assert bob.files.delete(bob.files.create(file=("c.jsonl", CHAT.read_bytes()), purpose="fine-tune").id).deleted
 
     finished = wait_for(lambda: _ended(alice, done.id), "the first job")
     assert finished.status == "succeeded", finished.error
