@@ -3,7 +3,8 @@
 Same tiny Llama base, same LoRA config, same batches of the shipped preference set, same sequence lengths,
 fp32, same torch threads. Arms alternate over several repetitions (each: a few optimizer steps per arm);
 printed: tokens/s per arm, the median ratio to TRL with its spread (min..max), where peftray's step time
-goes (policy forward + loss, backward + optimizer, reference forward), and peak CUDA memory on a GPU.
+goes (policy forward + loss, backward + optimizer, reference forward), and each arm's peak resident memory
+(each arm run alone in a fresh process, so one arm's peak cannot hide in another's).
 TRL (and HF PEFT) are optional here, as the baseline: the `test` extra (`pip install -e '.[test]'` in the checkout).
 """
 
@@ -155,12 +156,78 @@ def run(model_dir: Path, tmp: Path, steps: int, batch: int, seq: int, reps: int)
             "precompute_reference_s": precompute_s, "peftray_step_breakdown": _breakdown(live_model, spec, plain[0])}
 
 
+def _arm_memory(name: str, model_dir: str, tmp: str, steps: int, batch: int, seq: int, queue) -> None:
+    """In a fresh process: build one arm, take one step, then run its steps; put (MiB resident before the steps,
+    peak MiB resident during them)."""
+    import psutil
+
+    from peftray.train.preference import reference_logps
+
+    spec, tok, examples = _data(Path(model_dir), seq)
+    if name == "trl":
+        _, step = _trl_arm(Path(model_dir), tok, Path(tmp))
+        batches = _batches(examples, batch, tok.pad_token_id, steps)
+    else:
+        model, step = _peftray_arm(Path(model_dir), spec, name == "peftray_precomputed")
+        lookup = None
+        if name == "peftray_precomputed":
+            ref = reference_logps(model, examples, batch, tok.pad_token_id, torch.device("cpu"))
+            index = {e["row"]: i for i, e in enumerate(examples)}
+
+            def lookup(chunk):
+                rows = [index[e["row"]] for e in chunk]
+                return torch.cat([ref[rows, 0], ref[rows, 1]]).float()
+        batches = _batches(examples, batch, tok.pad_token_id, steps, lookup)
+    import threading
+
+    me, peak, done = psutil.Process(), [0.0], threading.Event()
+
+    def sample() -> None:  # the process's resident size every 2 ms while the steps run
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss / 2**20)
+            done.wait(0.002)
+
+    step(batches[0])  # warm-up: lazily made buffers and the optimizer state belong to "built"
+    before = me.memory_info().rss / 2**20
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for b in batches:
+        step(b)
+    done.set()
+    sampler.join()
+    queue.put((before, max(peak[0], me.memory_info().rss / 2**20)))
+
+
+def peak_memory(model_dir: Path, tmp: Path, steps: int, batch: int, seq: int) -> dict[str, dict[str, float]]:
+    """Peak resident memory of each arm run alone in its own process (an in-process peak would mix the arms).
+
+    `peak_mib`: the process's resident peak while the steps run (model, data, optimizer state and the step's
+    activations and gradients); `steps_mib`: that peak over what was resident just before, after a warm-up step,
+    i.e. what a step's activations and gradients add.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name in ("trl", "peftray", "peftray_precomputed"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_arm_memory, args=(name, str(model_dir), str(tmp), steps, batch, seq, queue))
+        proc.start()
+        before, peak = queue.get(timeout=900)
+        proc.join()
+        out[name] = {"peak_mib": peak, "steps_mib": peak - before}
+    return out
+
+
 def report(r: dict[str, Any]) -> None:
     rows = [[k, f"{v:.0f}"] for k, v in r["tokens_per_s_median"].items()]
     print(table(["DPO step", "tokens/s (median)"], rows))
     for k, v in r["ratio_to_trl"].items():
         print(f"{k} / TRL DPOTrainer: {v['median']:.2f}x (spread {v['min']:.2f}..{v['max']:.2f}, "
               f"{r['setup']['reps']} reps)")
+    if r.get("peak_memory"):
+        print(table(["DPO arm alone", "peak RSS in steps MiB", "added by a step MiB"],
+                    [[k, f"{v['peak_mib']:.0f}", f"{v['steps_mib']:.0f}"] for k, v in r["peak_memory"].items()]))
     parts = r["peftray_step_breakdown"]
     print("peftray step: " + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in parts.items())
           + f"; reference precompute (once) {r['precompute_reference_s']:.2f} s")

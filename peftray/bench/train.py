@@ -100,6 +100,7 @@ def _dpo(args) -> int:
     with tempfile.TemporaryDirectory(prefix="peftray-bench-dpo-") as tmp:
         model = make_tiny_llama(Path(tmp) / "tiny-llama")
         result = pref.run(model, Path(tmp), args.steps, args.batch_size, args.max_seq_len, args.reps)
+        result["peak_memory"] = pref.peak_memory(model, Path(tmp), args.steps, args.batch_size, args.max_seq_len)
     pref.report(result)
     out = Path(args.out if args.out != "bench-results/train.json" else "bench-results/train-dpo.json")
     out.parent.mkdir(parents=True, exist_ok=True)
