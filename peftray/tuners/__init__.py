@@ -9,7 +9,7 @@ are imported on first use. Every registered method's config and tuner class is a
 """
 
 # Registration order is the order the job spec lists methods in (LoRA, the default, first).
-from peftray.tuners import lora, ia3, prompt_tuning, prefix_tuning, p_tuning  # noqa: F401, I001
+from peftray.tuners import lora, ia3, prompt_tuning, prefix_tuning, p_tuning, ln_tuning  # noqa: F401, I001
 from peftray.tuners.config import PeftConfig, PeftType, PromptLearningConfig, TaskType
 from peftray.tuners.ia3 import IA3Config
 from peftray.tuners.lora import LoraConfig
