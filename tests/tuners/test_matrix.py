@@ -52,7 +52,8 @@ CASES = [
                                                     init_lora_weights=False)),
     ("gpt2-ia3", "gpt2", "IA3Config", dict(init_ia3_weights=False)),
     ("ln-tuning", "llama", "LNTuningConfig", dict()),
-    ("seqcls-ln-tuning", "minilm", "LNTuningConfig", dict(target_modules=["LayerNorm"])),
+    ("seqcls-ln-tuning", "minilm", "LNTuningConfig", dict(target_modules=["LayerNorm"],
+                                                          modules_to_save=["classifier"])),
 ]
 # bias="all": PEFT also saves odd duplicates of the classifier bias (`classifier.original_module.bias`, ...);
 # peftray saves each bias once, so only the tensor-name check is relaxed for that row.
