@@ -24,11 +24,14 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peftray' has no attribute {name!r}")
+    # any registered method's config class (`LNTuningConfig`), from the tuners' table (torch-free)
+    from peftray.tuners.methods import class_attributes
+
+    return class_attributes(__name__, ("config",), table_module="peftray.tuners")(name)
 
 
 __all__ = [

@@ -23,6 +23,7 @@ import torch
 from peftray.adapters import io as adapter_io
 from peftray.errors import AdapterFormatError, PeftrayError
 from peftray.tuners.config import PeftType, TaskType, fill_from_model_config
+from peftray.tuners.methods import method_entry
 from peftray.tuners.prompt_learning import prefix_key_values
 
 
@@ -159,10 +160,11 @@ class AdapterSlots:
             raise AdapterFormatError(f"adapter {key!r} has task_type {config.task_type.value}; only CAUSAL_LM "
                                      "adapters generate text.")
         internal = internal_name(key)
-        if config.peft_type == PeftType.LORA:
+        serving = method_entry(config.peft_type).serving  # the tuners' table says how (and if) it is batched
+        if serving == "lora":
             self.host.add_lora(internal, config, state)
             return LoadedAdapter(key, "lora", internal)
-        if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING):
+        if serving == "prompt":
             kind, tensors = self.host.prompt_tensors(config, state)
             if kind == "prompt":
                 return LoadedAdapter(key, kind, internal, prompt=tensors)

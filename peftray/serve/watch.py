@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from peftray.errors import ConfigError, NotFoundError
 from peftray.registry.finetuned import FT_TAG, is_fine_tuned, parse_fine_tuned
 from peftray.serve.serve_spec import ServeConfig
+from peftray.tuners.methods import Method, method_entry, method_for_spec
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,18 @@ def _same_base(a: Optional[str], b: str) -> bool:
         return True  # unknown base: the engine's shape checks still refuse a wrong one
     a, b = a.rstrip("/"), b.rstrip("/")
     return a == b or os.path.basename(a) == os.path.basename(b)
+
+
+def _table_entry(av) -> Optional[Method]:
+    """The tuners' table entry of an adapter version: by its `peft_type` tag, else (versions registered before
+    that tag) by its method tag; None when neither names a method here (its load then says why it is refused)."""
+    try:
+        peft_type, method = getattr(av, "peft_type", None), getattr(av, "method", None)
+        if peft_type:
+            return method_entry(peft_type)
+        return method_for_spec(method) if method else None
+    except ConfigError:
+        return None
 
 
 class ModelResolver:
@@ -108,9 +121,10 @@ class ModelResolver:
             raise ConfigError(f"adapter {av.name}/{av.version} was trained for base model {av.base_model!r}, but "
                               f"this deployment serves {self.spec.served_model_id!r}; send it to a deployment of "
                               "its own base model.")
-        if (av.method or "").lower() == "ia3":
-            raise ConfigError(f"adapter {av.name}/{av.version} is IA3, which this server does not batch; merge it "
-                              "into the base model and serve that model.")
+        method = _table_entry(av)
+        if method is not None and method.serving is None:  # the tuners' table: IA3, LN tuning, ...
+            raise ConfigError(f"adapter {av.name}/{av.version} is {method.peft_type}, which this server does not "
+                              "batch; merge it into the base model and serve that model.")
         return Target(model, key=f"{av.name}/{av.version}", method=av.method)
 
     def _alias_version(self, name: str, alias: str) -> int:

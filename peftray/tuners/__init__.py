@@ -4,26 +4,24 @@ To add a method: a new folder with config.py / spec.py / model.py (and layer.py 
 whose `__init__` calls `register_peft_method(...)`, plus one import line below.
 
 Importing this package registers every method without importing torch: the tuner classes (`LoraModel`, ...)
-are imported on first use.
+are imported on first use. Every registered method's config and tuner class is an attribute of this package
+(and its config class one of `peftray`), found in the table: a new method's classes need no line here.
 """
 
 # Registration order is the order the job spec lists methods in (LoRA, the default, first).
-from peftray.tuners import lora, ia3, prompt_tuning, prefix_tuning, p_tuning  # noqa: F401, I001  (registers methods)
+from peftray.tuners import lora, ia3, prompt_tuning, prefix_tuning, p_tuning, ln_tuning  # noqa: F401, I001
 from peftray.tuners.config import PeftConfig, PeftType, PromptLearningConfig, TaskType
 from peftray.tuners.ia3 import IA3Config
 from peftray.tuners.lora import LoraConfig
 from peftray.tuners.methods import (
-    config_from_dict, get_method, lazy_attributes, register_peft_method, registered_methods,
+    class_attributes, config_from_dict, get_method, register_peft_method, registered_methods,
 )
 from peftray.tuners.p_tuning import PromptEncoderConfig
 from peftray.tuners.prefix_tuning import PrefixTuningConfig
 from peftray.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
-__getattr__ = lazy_attributes(
-    __name__, IA3Model="peftray.tuners.ia3.model", LoraModel="peftray.tuners.lora.model",
-    PromptEncoder="peftray.tuners.p_tuning.model", PrefixEncoder="peftray.tuners.prefix_tuning.model",
-    PromptEmbedding="peftray.tuners.prompt_tuning.model",
-)
+# Every registered method's config and tuner class by name (`LoraModel`, `LNTuningConfig`), from the table.
+__getattr__ = class_attributes(__name__)
 
 __all__ = [
     "IA3Config", "IA3Model", "LoraConfig", "LoraModel", "PeftConfig", "PeftType", "PrefixEncoder",

@@ -28,6 +28,7 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
+    LN_TUNING = "LN_TUNING"
 
 
 class TaskType(str, enum.Enum):

@@ -23,6 +23,9 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # False for adapters that are copies of base modules (LN tuning): they keep the base dtype on a half-precision
+    # base instead of becoming float32 (`upcast_adapter_weights`), as in HF PEFT.
+    cast_adapter_dtype: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -123,7 +126,7 @@ def upcast_adapter_weights(model: nn.Module, adapter_name: str) -> None:
     2^-8 of its size); the forward casts them to the compute dtype, or autocast does.
     """
     for module in model.modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and module.cast_adapter_dtype:
             for param in module.adapter_tensors(adapter_name).values():
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()

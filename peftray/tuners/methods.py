@@ -3,7 +3,9 @@
 A method's package registers itself when imported (`register_peft_method(...)` in its `__init__`), and
 `peftray.tuners` imports every method package, so adding a method is one new folder plus one import line
 there. Everything else derives from this table: the job spec's `adapter:` union (`spec_models()`), the
-trainer's config class (`method_for_spec()`), the registry's accepted `peft_type`s (`registered_methods()`).
+trainer's config class (`method_for_spec()`), the registry's accepted `peft_type`s (`registered_methods()`),
+what the serving engine batches (`Method.serving`), and the public names of the config and tuner classes
+(`peftray.LoraConfig`, `peftray.tuners.IA3Model`: `class_attributes()`).
 
 The table is torch-free: a model class is named as `"module:Class"` and imported on first use, so the
 job spec, the control plane and the registry read the table without loading torch.
@@ -28,12 +30,16 @@ class Method:
         model_ref: the tuner class, or `"module:Class"` naming it (imported on first use).
         specs: the job spec's `adapter:` sections for this method (pydantic models, each with a
             `method: Literal[...]` field and `peft_kwargs()`), e.g. LoRA's `lora` and `dora`.
+        serving: how the serving engine batches the method's adapters: "lora" (inside its mixed-adapter
+            forward) or "prompt" (virtual tokens or a KV prefix in front of the row); None = it does not, and
+            serving refuses such adapters (merge them into the base model and serve that instead).
     """
 
     peft_type: str
     config_cls: type
     model_ref: Any
     specs: tuple[type, ...] = ()
+    serving: str | None = None
 
     @property
     def model_cls(self) -> type:
@@ -41,6 +47,13 @@ class Method:
             module, _, name = self.model_ref.partition(":")
             return getattr(importlib.import_module(module), name)
         return self.model_ref
+
+    @property
+    def model_name(self) -> str:
+        """The tuner class's name, without importing it."""
+        if isinstance(self.model_ref, str):
+            return self.model_ref.partition(":")[2]
+        return self.model_ref.__name__
 
     @property
     def adapts_weights(self) -> bool:
@@ -53,7 +66,11 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_peft_method(name: str, config_cls: type, model_cls: Any, specs: tuple[type, ...] = ()) -> None:
+SERVING_KINDS = ("lora", "prompt")
+
+
+def register_peft_method(name: str, config_cls: type, model_cls: Any, specs: tuple[type, ...] = (),
+                         serving: str | None = None) -> None:
     """Register a PEFT method under its `peft_type` name (e.g. "LORA"); names are case-insensitive.
 
     Args:
@@ -61,9 +78,12 @@ def register_peft_method(name: str, config_cls: type, model_cls: Any, specs: tup
         config_cls: its config class.
         model_cls: its tuner class, or `"module:Class"` so that registering does not import torch.
         specs: its job-spec sections (see `Method.specs`); none = not trainable from a job spec.
+        serving: how the serving engine batches it (see `Method.serving`); None = not served.
     """
     key = name.upper()
-    method = Method(key, config_cls, model_cls, tuple(specs))
+    if serving not in (None, *SERVING_KINDS):
+        raise ValueError(f"`serving` of {key} must be one of {SERVING_KINDS} or None, got {serving!r}")
+    method = Method(key, config_cls, model_cls, tuple(specs), serving)
     if key in _METHODS and _METHODS[key] != method:
         raise ValueError(f"PEFT method {name!r} is already registered")
     taken = {s: m.peft_type for m in _METHODS.values() if m.peft_type != key for s in _spec_names(m)}
@@ -114,6 +134,37 @@ def config_from_dict(data: dict[str, Any]):
     if not isinstance(data, dict) or "peft_type" not in data:
         raise ConfigError("adapter_config.json has no `peft_type`; it is not a PEFT adapter config.")
     return method_entry(data["peft_type"]).config_cls.from_dict(data)
+
+
+def method_class(name: str, kinds: tuple[str, ...] = ("config", "model")) -> type | None:
+    """A registered method's config class ("config") or tuner class ("model") by class name, else None."""
+    for method in _METHODS.values():
+        if "config" in kinds and method.config_cls.__name__ == name:
+            return method.config_cls
+        if "model" in kinds and method.model_name == name:
+            return method.model_cls
+    return None
+
+
+def class_attributes(package: str, kinds: tuple[str, ...] = ("config", "model"), table_module: str = ""):
+    """A module `__getattr__` (PEP 562) giving the registered methods' classes by name (`LNTuningConfig`), so a
+    package re-exports every method's classes without listing them.
+
+    Args:
+        package: the module's name, for the AttributeError.
+        kinds: "config" and/or "model" classes.
+        table_module: a module to import first so that every method is registered (`peftray.tuners`).
+    """
+
+    def __getattr__(name: str) -> Any:
+        if table_module:
+            importlib.import_module(table_module)
+        cls = method_class(name, kinds)
+        if cls is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return cls
+
+    return __getattr__
 
 
 def lazy_attributes(package: str, **modules: str):

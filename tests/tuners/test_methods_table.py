@@ -49,6 +49,41 @@ def test_each_spec_method_builds_its_config_and_its_tuner_trains(spec_method, ll
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
+@pytest.mark.parametrize("peft_type", registered_methods())
+def test_serving_refuses_exactly_the_methods_the_table_says_it_does_not_batch(peft_type):
+    from types import SimpleNamespace
+
+    from peftray.errors import ConfigError
+    from peftray.serve.watch import ModelResolver
+
+    entry = method_entry(peft_type)
+    resolver = ModelResolver(SimpleNamespace(base_model="./m", served_model_id="m"), registry=object())
+    spec_name = _spec_names_of(entry)[0]
+    # by the version's peft_type tag, and by its method tag alone (versions registered before that tag)
+    for av in (SimpleNamespace(name="a", version=1, base_model=None, method=spec_name, peft_type=peft_type),
+               SimpleNamespace(name="a", version=1, base_model=None, method=spec_name, peft_type=None)):
+        if entry.serving is None:
+            with pytest.raises(ConfigError, match=f"is {peft_type}, which this server does not batch; merge it"):
+                resolver._target("a/1", av)
+        else:
+            assert resolver._target("a/1", av).key == "a/1"
+
+
+def _spec_names_of(entry):
+    return [name for name, spec in spec_models().items() if spec in entry.specs]
+
+
+def test_each_method_class_is_public_by_its_name():
+    import peftray
+    import peftray.tuners
+
+    for peft_type in registered_methods():
+        entry = method_entry(peft_type)
+        assert getattr(peftray, entry.config_cls.__name__) is entry.config_cls
+        assert getattr(peftray.tuners, entry.config_cls.__name__) is entry.config_cls
+        assert getattr(peftray.tuners, entry.model_name) is entry.model_cls
+
+
 def test_spec_fields_are_config_fields():
     # a spec key that the config class does not have would be dropped or refused when building it
     for name, model in spec_models().items():

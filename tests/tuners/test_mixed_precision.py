@@ -20,6 +20,7 @@ METHODS = [
     ("prompt-tuning", "PromptTuningConfig", dict(num_virtual_tokens=3)),
     ("prefix-tuning", "PrefixTuningConfig", dict(num_virtual_tokens=3)),
     ("p-tuning", "PromptEncoderConfig", dict(num_virtual_tokens=3, encoder_hidden_size=16)),
+    ("ln-tuning", "LNTuningConfig", dict()),  # copies of the norms: they keep the base dtype, as in HF PEFT
 ]
 # (base dtype, autocast dtype): what Trainer/Accelerate/TRL run with bf16=True or fp16=True
 PRECISIONS = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)]

@@ -4,7 +4,8 @@ from peftray.tuners.lora.config import LoraConfig
 from peftray.tuners.lora.spec import DoraMethod, LoraMethod
 from peftray.tuners.methods import lazy_attributes, register_peft_method
 
-register_peft_method("LORA", LoraConfig, "peftray.tuners.lora.model:LoraModel", specs=(LoraMethod, DoraMethod))
+register_peft_method("LORA", LoraConfig, "peftray.tuners.lora.model:LoraModel", specs=(LoraMethod, DoraMethod),
+                     serving="lora")
 __getattr__ = lazy_attributes(__name__, LoraModel="peftray.tuners.lora.model")  # the tuner class imports torch
 
 __all__ = ["DoraMethod", "LoraConfig", "LoraMethod", "LoraModel"]
