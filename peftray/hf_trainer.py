@@ -58,10 +58,56 @@ def _move_fused_lm_head(model: PeftModel) -> None:
                       outputs=settings.get("outputs", ("log_probs",)))
 
 
+class AdapterDisabledReference(torch.nn.Module):
+    """A preference trainer's reference model that is the policy itself with its adapter switched off.
+
+    TRL's `DPOTrainer` does this for HF PEFT models (no `ref_model`: the adapter is disabled for the reference
+    forward); for any other model it loads a second copy of the base. Handed in as `ref_model`, this module gives
+    a peftray model the PEFT behaviour: no second model in memory, the reference is exactly the frozen base. It
+    shows TRL what it patches and calls (`config`, `base_model`, the output embeddings) from the policy's inner
+    transformers model, and every call runs inside `disable_adapter()`. Its parameters are the policy's (not
+    registered twice: the policy is held outside `_modules`).
+    """
+
+    def __init__(self, policy: PeftModel) -> None:
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)
+        self.config = policy.get_base_model().config
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self._policy.get_base_model().base_model
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self._policy.get_base_model().get_output_embeddings()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._policy.get_base_model()(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._policy.disable_adapter():
+            return super().__call__(*args, **kwargs)
+
+
+def _takes_ref_model(trainer_cls: type) -> bool:
+    """Whether the trainer under the mixin (the next `__init__` in the MRO) takes a `ref_model`."""
+    import inspect
+
+    mro = trainer_cls.__mro__
+    after = mro[mro.index(PeftTrainerMixin) + 1:]
+    init = next((c.__init__ for c in after if "__init__" in vars(c)), object.__init__)
+    return "ref_model" in inspect.signature(init).parameters
+
+
 class PeftTrainerMixin:
     """Mix into `transformers.Trainer` or a subclass (TRL's `SFTTrainer`, `DPOTrainer`); see `peft_trainer`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        args_obj = kwargs.get("args")
+        if (isinstance(model, PeftModel) and kwargs.get("ref_model") is None and _takes_ref_model(type(self))
+                and not getattr(args_obj, "precompute_ref_log_probs", False)):
+            kwargs["ref_model"] = AdapterDisabledReference(model)  # as TRL does for HF PEFT: the adapter off
         super().__init__(*args, **kwargs)
         model = _peftray_model(self)
         if model is not None:
