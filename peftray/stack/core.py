@@ -56,8 +56,14 @@ def status(state_dir: str | Path | None = None) -> StackStatus:
     return st
 
 
-def _credentials(old: dict) -> dict[str, str]:
-    """The stack's credentials: made once, then kept (the data in the state folder is tied to them)."""
+def _credentials(old: dict, sdir: Path) -> dict[str, str]:
+    """The stack's credentials: made once, then kept (the data in the state folder is tied to them).
+
+    The state file records them once the stack is up. A start that failed part-way (MLflow made its auth
+    database with the admin password, then another server did not come up: seen on busy machines) leaves no
+    state file, only MLflow's `auth.ini` beside that database: its admin user is kept, or every MLflow call of
+    the retried stack would get 401 (the database keeps the first password; MLflow never resets it).
+    """
     ep = old.get("endpoints", {})
     fresh = {
         "aws_access_key_id": "peftray" + secrets.token_hex(6),
@@ -65,7 +71,10 @@ def _credentials(old: dict) -> dict[str, str]:
         "mlflow_username": "peftray-admin",
         "mlflow_password": secrets.token_urlsafe(24),
     }
-    return {k: ep.get(k) or v for k, v in fresh.items()}
+    kept = dict(ep)
+    if not (kept.get("mlflow_username") and kept.get("mlflow_password")):
+        kept.update(servers.mlflow_admin_of(sdir / "mlflow"))
+    return {k: kept.get(k) or v for k, v in fresh.items()}
 
 
 def _token_file(path: Path) -> Path:
@@ -126,7 +135,7 @@ def up(opts: Options, progress: Callable[[str], None] = lambda msg: None) -> Sta
         # its owner may read it, also when an older stack wrote it world-readable.
         procs.make_private(sdir)
         old = read_state(sdir)
-        creds = _credentials(old)
+        creds = _credentials(old, sdir)
         token_path = _token_file(sdir / "ray_auth_token")
         bucket = old.get("endpoints", {}).get("bucket", "peftray")
         ports = _choose_ports(opts)

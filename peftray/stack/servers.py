@@ -139,6 +139,22 @@ def _mlflow_auth_config(sdir: Path, creds: dict[str, str]) -> Path:
     return ini
 
 
+def mlflow_admin_of(sdir: Path) -> dict[str, str]:
+    """The admin user MLflow's auth database in `sdir` was made with (from the `auth.ini` written before it
+    first started), as {"mlflow_username", "mlflow_password"}; {} when there is no database or no such file."""
+    import configparser
+
+    if not (sdir / "auth.db").exists():
+        return {}
+    ini = configparser.ConfigParser(interpolation=None)
+    try:
+        ini.read(sdir / "auth.ini")
+        section = ini["mlflow"]
+        return {"mlflow_username": section["admin_username"], "mlflow_password": section["admin_password"]}
+    except (OSError, KeyError, configparser.Error):
+        return {}
+
+
 def start_mlflow(opts: Options, endpoint: str, creds: dict[str, str], bucket: str, port: int) -> Proc:
     """MLflow tracking server + registry with basic auth; artifacts proxied to s3://<bucket>/mlflow-artifacts."""
     sdir = procs.private_dir(opts.state_dir / "mlflow")

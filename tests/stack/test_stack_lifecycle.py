@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from peftray import stack as local_stack
+from peftray.endpoints import STATE_FILE, read_state
 from peftray.errors import StackError
 from peftray.stack import control_plane, procs
 
@@ -65,6 +66,22 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=240, env=_env())
 
 
+def _mlflow_status(endpoints: dict, password: str) -> int:
+    """HTTP status of an MLflow API call with the stack's admin user and `password` (not this process's env)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    auth = base64.b64encode(f"{endpoints['mlflow_username']}:{password}".encode()).decode()
+    req = urllib.request.Request(f"{endpoints['mlflow_tracking_uri']}/api/2.0/mlflow/experiments/search?max_results=1",
+                                 headers={"Authorization": f"Basic {auth}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def test_up_twice_status_down_twice_leaves_no_process(tmp_path):
     sdir = tmp_path / "st"
     first = _cli(sdir, "up", "--num-cpus", "2")
@@ -99,8 +116,16 @@ def test_up_twice_status_down_twice_leaves_no_process(tmp_path):
     assert _cli(sdir, "status").returncode == 3
     assert "nothing was running" in _cli(sdir, "down").stdout
 
-    # And a second full cycle on the same state folder reuses its data (bucket, MLflow db).
+    # A start that failed part-way (a server did not come up) leaves MLflow's auth database but no state file.
+    # The next full cycle on the folder reuses its data (bucket, MLflow dbs) and keeps the admin password that
+    # auth database was made with: a new one got 401 on every MLflow call (MLflow never resets it).
+    before = read_state(sdir)["endpoints"]
+    (sdir / STATE_FILE).unlink()
     assert _cli(sdir, "up", "--num-cpus", "2").returncode == 0
+    after = read_state(sdir)["endpoints"]
+    assert after["mlflow_password"] == before["mlflow_password"]
+    assert _mlflow_status(after, after["mlflow_password"]) == 200
+    assert _mlflow_status(after, "not-" + after["mlflow_password"]) == 401  # auth is on: the check can fail
     pids2 = _tree_pids(local_stack.status(sdir))
     assert _cli(sdir, "down").returncode == 0
     _wait_gone(pids2)
