@@ -20,14 +20,16 @@ TINY_VIT_VERSION = 1  # bump when the recipe changes, so cached folders are rebu
 
 @dataclass(frozen=True)
 class TinyViTSpec:
-    """Sizes of the tiny ViT."""
+    """Sizes of the tiny ViT: square `image_size` inputs cut into `patch_size` patches ((32 / 8)^2 = 16 tokens
+    plus the CLS token), then `num_hidden_layers` blocks of `num_attention_heads` heads over `hidden_size`
+    channels, each with an MLP twice as wide. `seed` draws the random weights."""
 
     image_size: int = 32
     patch_size: int = 8
+
     hidden_size: int = 64
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    intermediate_size: int = 128
     seed: int = 0
 
 
@@ -38,7 +40,7 @@ def _write(spec: TinyViTSpec, labels: list[str], out: Path) -> None:
     config = ViTConfig(
         image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        intermediate_size=spec.intermediate_size, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        intermediate_size=2 * spec.hidden_size, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)})
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
