@@ -126,3 +126,21 @@ def test_hf_peft_lora_with_the_classifier_loads_in_peftray_and_back(tiny_vit, tm
     ours.save_pretrained(tmp_path / "back")
     again = peft.PeftModel.from_pretrained(_vit(tiny_vit), str(tmp_path / "back"))
     torch.testing.assert_close(_logits(again, pixels), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_readme_snippet_classifies_with_the_trained_adapter(trained, tiny_vit, tmp_path, monkeypatch):
+    import re
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    section = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("### Image classification", 1)[1]
+    snippet = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)[0]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-vit").symlink_to(tiny_vit)
+    shutil.copytree(trained[1], tmp_path / "adapter")
+    scope = {"image": Image.open("jobs/data/colours/yellow/triangle-3.png")}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README image classification snippet", "exec"), scope)  # noqa: S102 - our README
+    assert scope["label"] == "yellow"
