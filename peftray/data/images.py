@@ -1,16 +1,16 @@
 """`dataset.format: image_caption` and `image_classification`: rows of an image and its caption or class label.
 
-image_classification: the image is decoded as below, then resized and normalized by the base model's own image
-processor (`AutoImageProcessor`, preprocessor_config.json), so training sees what inference with that processor
-sees; the label (`dataset.label_field`) maps to an id as in `classification` (`dataset.labels`, else sorted).
-
-image_caption:
-
 A row's image (`dataset.image_field`) is a path relative to the dataset file's folder (the usual
 `metadata.jsonl` beside an `images/` folder), an absolute path, an `s3://` URI, a `data:image/...;base64,`
-string, raw bytes (parquet) or `{"bytes": ...}` (a Hugging Face `Image` feature). Pillow decodes it; it is
-converted to RGB, resized to the model's square input size and scaled to [-1, 1] (what Stable Diffusion's VAE
-takes). The caption (`dataset.caption_field`) is tokenized padded to the tokenizer's `model_max_length`, as
+string, raw bytes (parquet) or `{"bytes": ...}` (a Hugging Face `Image` feature). Pillow decodes it to RGB.
+
+image_classification: the base model's own image processor (`AutoImageProcessor`, preprocessor_config.json)
+resizes and normalizes it, so training sees what inference with that processor sees; the label
+(`dataset.label_field`) maps to an id as in `classification` (`dataset.labels`, else the sorted names). A
+class folder's rows carry absolute paths or s3:// URIs (peftray.data.sources).
+
+image_caption: the image is resized to the model's square input size and scaled to [-1, 1] (what Stable
+Diffusion's VAE takes). The caption (`dataset.caption_field`) is tokenized padded to the tokenizer's `model_max_length`, as
 the pipeline does at generation time. A bad image or an empty caption fails before training, naming the row.
 """
 

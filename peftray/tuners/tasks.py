@@ -1,7 +1,8 @@
 """THE table of tasks a job can train: the job spec's `task` -> PEFT task type, transformers head, data formats.
 
-The job spec's `task` choices and the trainer's model head derive from it; a new task (image classification,
-say) is one `register_task(...)` here plus its data format and, where its loss differs, the trainer's step.
+The job spec's `task` choices and the trainer's model head derive from it; a new task is one
+`register_task(...)` here plus its data format and, where its loss differs, the trainer's step (image_cls
+needed only its format: its loss and accuracy are seq_cls's classification path).
 """
 
 from __future__ import annotations
