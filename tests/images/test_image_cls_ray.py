@@ -1,5 +1,5 @@
-"""image_cls end to end on the session stack: class folders read from S3, a Ray Train worker, the registered
-adapter (LoRA + classifier, HF PEFT layout) promoted by an accuracy gate."""
+"""image_cls end to end on the session stack: the base model and the class folders read from S3, a Ray Train
+worker, the registered adapter (LoRA + classifier, HF PEFT layout) promoted by an accuracy gate."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from peftray.jobspec import load_spec
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-def test_image_cls_job_from_s3_class_folders_trains_registers_and_passes_its_gate(stack, ray_session, tiny_vit):
+def test_image_cls_job_from_s3_trains_registers_and_passes_its_gate(stack, ray_session, tiny_vit):
     from peftray.train import run_job
 
     name = "vit" + uuid.uuid4().hex[:8]
     fs = stack.s3fs()
     prefix = f"{stack.bucket}/data/{name}/colours"
     fs.put("jobs/data/colours/", prefix + "/", recursive=True)
+    base = f"{stack.bucket}/models/{name}/tiny-vit"
+    fs.put(f"{tiny_vit}/", base + "/", recursive=True)
     spec = load_spec("jobs/tiny-vit-lora.yaml", [
-        f"base_model.path={tiny_vit}", f"name={name}", f"registry.model_name={name}", f"dataset.source=s3://{prefix}"])
+        f"base_model.path=s3://{base}", f"name={name}", f"registry.model_name={name}", f"dataset.source=s3://{prefix}"])
     result = run_job(spec, stack)
     assert result.metrics["eval_accuracy"] >= 0.9, result.metrics
     assert result.promoted_alias == "staging", result.promotion_error  # gate: eval_accuracy max, threshold 0.9

@@ -63,3 +63,16 @@ def test_image_cls_on_a_pipeline_folder_is_refused(tmp_path):
     spec = load_spec(SPEC, [f"base_model.path={tmp_path / 'pipe'}"])
     with pytest.raises(ConfigError, match=r"is a diffusers pipeline, but `task: image_cls` needs a transformers model"):
         tokenizer_and_data(spec, str(tmp_path / "pipe"))
+
+
+def test_hub_ids_and_remote_code_are_left_to_from_pretrained(tmp_path):
+    from peftray.train.model import check_head
+
+    spec = load_spec(SPEC, ["base_model.path=google/vit-base-patch16-224"])
+    check_head(spec, "google/vit-base-patch16-224")  # no local folder: nothing to read, nothing refused
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "config.json").write_text('{"model_type": "mine", "auto_map": {"AutoModel": "m.M"}}')
+    check_head(load_spec(SPEC, [f"base_model.path={tmp_path / 'custom'}"]), str(tmp_path / "custom"))
+    (tmp_path / "custom" / "config.json").write_text('{"model_type": "mine"}')
+    with pytest.raises(ConfigError, match="is a 'mine' model \\(no architectures listed\\); use another base model"):
+        check_head(load_spec(SPEC, [f"base_model.path={tmp_path / 'custom'}"]), str(tmp_path / "custom"))
