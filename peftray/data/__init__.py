@@ -11,7 +11,7 @@ from typing import Any
 
 from peftray.data.batches import BatchPlan, collate, eval_batches, total_steps
 from peftray.data.formats import IGNORE, check_columns, encode_rows, label_names
-from peftray.data.images import encode_image_captions
+from peftray.data.images import encode_image_captions, encode_image_labels
 from peftray.data.preference import Skipped, encode_preferences
 from peftray.errors import ConfigError
 from peftray.data.sources import SourceRows, load_rows, split_eval
@@ -35,14 +35,16 @@ class PreparedData:
         return sum(len(e["input_ids"]) for e in self.train)
 
 
-def prepare_data(spec, tokenizer, config=None, image_size: int | None = None) -> PreparedData:
+def prepare_data(spec, tokenizer, config=None, image_size: int | None = None,
+                 image_processor=None) -> PreparedData:
     """Load, split and tokenize `spec.dataset` with `tokenizer`.
 
     Args:
         spec: the `JobSpec` (its `dataset` section and `training.seed` are used).
-        tokenizer: the base model's tokenizer.
+        tokenizer: the base model's tokenizer (None for image_classification).
         config: a `peftray.endpoints.Config` for s3:// sources; default `load_config()`.
         image_size: image_caption: the square size images are resized to (the model's input).
+        image_processor: image_classification: the base model's image processor (resize, normalize).
 
     Raises:
         ConfigError: the source is missing, a column is missing (the message lists those that exist),
@@ -53,6 +55,8 @@ def prepare_data(spec, tokenizer, config=None, image_size: int | None = None) ->
     check_columns(rows.train, ds, rows.columns)
     if ds.format == "image_caption":
         return _image_captions(spec, tokenizer, rows, config, image_size)
+    if ds.format == "image_classification":
+        return _image_labels(spec, image_processor, rows, config)
     if ds.format == "preference":
         skipped = Skipped()
         train = encode_preferences(rows.train, ds, tokenizer, rows.train_rows, skipped)
@@ -73,3 +77,13 @@ def _image_captions(spec, tokenizer, rows: SourceRows, config, image_size: int |
     train = encode_image_captions(rows.train, ds, tokenizer, image_size, rows.train_rows, config)
     evals = encode_image_captions(rows.eval, ds, tokenizer, image_size, rows.eval_rows, config)
     return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint)
+
+
+def _image_labels(spec, processor, rows: SourceRows, config) -> PreparedData:
+    if processor is None:
+        raise ConfigError("dataset.format 'image_classification' needs the model's image processor; use task image_cls")
+    ds = spec.dataset
+    names = label_names(rows.train + rows.eval, ds)
+    train = encode_image_labels(rows.train, ds, processor, names, rows.train_rows, config)
+    evals = encode_image_labels(rows.eval, ds, processor, names, rows.eval_rows, config)
+    return PreparedData(train=train, eval=evals, fingerprint=rows.fingerprint, label_names=names)

@@ -60,8 +60,14 @@ def total_steps(plan: BatchPlan, epochs: int | None, max_steps: int | None) -> i
     return max_steps or (epochs or 1) * plan.steps_per_epoch
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padded positions get attention 0 and label -100."""
+def collate(examples: list[dict[str, Any]], pad_id: int | None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padded positions get attention 0 and label -100.
+
+    Images (image_classification) are stacked: `{"pixel_values": [B, 3, H, W], "labels": [B]}`.
+    """
+    if "pixel_values" in examples[0]:
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

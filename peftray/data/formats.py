@@ -6,7 +6,8 @@ loss), `{"input_ids": [...], "label": k}` for classification.
 - instruction: prompt tokens are masked, response tokens (+ eos) are learned;
 - chat: the tokenizer's chat template renders the messages; only assistant turns are learned (the
   generation prompt that opens each assistant turn is masked too);
-- classification: text -> label id (names mapped through `dataset.labels`, or sorted when not given).
+- classification: text -> label id (names mapped through `dataset.labels`, or sorted when not given);
+- image_caption, image_classification: see peftray.data.images.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def check_columns(rows: list[dict], ds: DatasetSpec, columns: list[str]) -> None
         "preference": [("prompt_field", ds.prompt_field), ("chosen_field", ds.chosen_field),
                        ("rejected_field", ds.rejected_field)],
         "image_caption": [("image_field", ds.image_field), ("caption_field", ds.caption_field)],
+        "image_classification": [("image_field", ds.image_field), ("label_field", ds.label_field)],
     }[ds.format]
     for field, column in need:
         if column not in columns:
@@ -147,14 +149,17 @@ def _append(ids: list[int], labels: list[int], tokenizer, text: str, learn: bool
     labels.extend(piece if learn else [IGNORE] * len(piece))
 
 
-def _classification(where: str, row: dict, ds: DatasetSpec, tokenizer, names: list[str]) -> dict[str, Any]:
-    value = row[ds.label_field]
+def label_id(where: str, value: Any, ds: DatasetSpec, names: list[str]) -> int:
+    """A row's label as its id in `names` (an int label is its own id when `dataset.labels` is not given)."""
     if isinstance(value, int) and not ds.labels and 0 <= value < len(names):
-        label = value
-    elif str(value) in names:
-        label = names.index(str(value))
-    else:
-        raise ConfigError(f"{where}: label {value!r} is not one of `dataset.labels` {names}; "
-                          "add it to dataset.labels or fix the row")
+        return value
+    if str(value) in names:
+        return names.index(str(value))
+    raise ConfigError(f"{where}: label {value!r} is not one of `dataset.labels` {names}; "
+                      "add it to dataset.labels or fix the row")
+
+
+def _classification(where: str, row: dict, ds: DatasetSpec, tokenizer, names: list[str]) -> dict[str, Any]:
+    label = label_id(where, row[ds.label_field], ds, names)
     enc = tokenizer(str(row[ds.text_field]), truncation=True, max_length=ds.max_seq_len)
     return {"input_ids": list(enc["input_ids"]), "label": label}

@@ -1,10 +1,16 @@
-"""`dataset.format: image_caption`: rows of an image and its caption, decoded into pixels and token ids.
+"""`dataset.format: image_caption` and `image_classification`: rows of an image and its caption or class label.
 
 A row's image (`dataset.image_field`) is a path relative to the dataset file's folder (the usual
 `metadata.jsonl` beside an `images/` folder), an absolute path, an `s3://` URI, a `data:image/...;base64,`
-string, raw bytes (parquet) or `{"bytes": ...}` (a Hugging Face `Image` feature). Pillow decodes it; it is
-converted to RGB, resized to the model's square input size and scaled to [-1, 1] (what Stable Diffusion's VAE
-takes). The caption (`dataset.caption_field`) is tokenized padded to the tokenizer's `model_max_length`, as
+string, raw bytes (parquet) or `{"bytes": ...}` (a Hugging Face `Image` feature). Pillow decodes it to RGB.
+
+image_classification: the base model's own image processor (`AutoImageProcessor`, preprocessor_config.json)
+resizes and normalizes it, so training sees what inference with that processor sees; the label
+(`dataset.label_field`) maps to an id as in `classification` (`dataset.labels`, else the sorted names). A
+class folder's rows carry absolute paths or s3:// URIs (peftray.data.sources).
+
+image_caption: the image is resized to the model's square input size and scaled to [-1, 1] (what Stable
+Diffusion's VAE takes). The caption (`dataset.caption_field`) is tokenized padded to the tokenizer's `model_max_length`, as
 the pipeline does at generation time. A bad image or an empty caption fails before training, naming the row.
 """
 
@@ -17,8 +23,11 @@ from typing import Any
 
 import torch
 
+from peftray.data.formats import label_id
 from peftray.errors import ConfigError
 from peftray.jobspec import DatasetSpec
+
+PROCESSOR_CHUNK = 64  # images per image-processor call
 
 
 def encode_image_captions(rows: list[dict], ds: DatasetSpec, tokenizer, image_size: int,
@@ -39,6 +48,27 @@ def encode_image_captions(rows: list[dict], ds: DatasetSpec, tokenizer, image_si
         ids = tokenizer(caption, padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length)["input_ids"]
         out.append({"pixel_values": pixels, "input_ids": list(ids), "caption": caption})
+    return out
+
+
+def encode_image_labels(rows: list[dict], ds: DatasetSpec, processor, names: list[str],
+                        numbers: list[int] | None = None, config=None) -> list[dict[str, Any]]:
+    """Examples `{"pixel_values": [3, H, W] float tensor as `processor` makes it, "label": class id}`.
+
+    Raises:
+        ConfigError: a label is not one of `names`, or an image is missing or not decodable (naming the row
+            and the file).
+    """
+    numbers = numbers or list(range(1, len(rows) + 1))
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(rows), PROCESSOR_CHUNK):
+        images, labels = [], []
+        for n, row in zip(numbers[start:start + PROCESSOR_CHUNK], rows[start:start + PROCESSOR_CHUNK]):
+            where = f"{ds.source} row {n}"
+            labels.append(label_id(where, row.get(ds.label_field), ds, names))
+            images.append(read_image(row.get(ds.image_field), ds, where, config))
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        out += [{"pixel_values": p.float(), "label": k} for p, k in zip(pixels, labels)]
     return out
 
 

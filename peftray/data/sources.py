@@ -1,7 +1,9 @@
 """Rows from where a job spec says they are: a local file, an s3:// object, or a hub dataset id.
 
 Files are read as bytes first, so the dataset fingerprint is the sha256 of exactly those bytes; hub
-datasets go through `datasets.load_dataset` and are fingerprinted by their rows.
+datasets go through `datasets.load_dataset` and are fingerprinted by their rows. An image classification
+set may also be a folder (local or s3://) holding one folder per class: each image becomes a row
+`{image_field: its path or URI, label_field: its folder's name}`, fingerprinted by the names and bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from peftray.errors import ConfigError
 from peftray.jobspec import DatasetSpec
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -43,17 +46,15 @@ def load_rows(ds: DatasetSpec, config=None, seed: int = 0) -> SourceRows:
     Raises:
         ConfigError: missing file, unknown file type, unreadable content, or no rows.
     """
-    if ds.reads_file:
+    if ds.reads_file or is_class_folder(ds.source, ds):
         if ds.eval_split:
             raise ConfigError(f"`dataset.eval_split` applies to hub datasets, got {ds.eval_split!r} for the file "
                               f"{ds.source}; use dataset.eval_fraction instead")
-        raw = _read_bytes(ds.source, config)
-        rows = _parse(raw, ds.source)
+        rows, raw = _read_source(ds.source, ds, config)
         fingerprint = hashlib.sha256(raw).hexdigest()
         eval_rows: list[dict[str, Any]] | None = None
         if ds.eval_source:  # a file of its own (the OpenAI API's validation_file)
-            raw_eval = _read_bytes(ds.eval_source, config)
-            eval_rows = _parse(raw_eval, ds.eval_source)
+            eval_rows, raw_eval = _read_source(ds.eval_source, ds, config)
             fingerprint = hashlib.sha256(raw + raw_eval).hexdigest()
     else:
         rows = _hub_rows(ds, ds.split)
@@ -88,6 +89,54 @@ def split_eval(rows: list, fraction: float, seed: int) -> tuple[tuple[list, list
     train = [pair for i, pair in enumerate(rows) if i not in eval_idx]
     evals = [pair for i, pair in enumerate(rows) if i in eval_idx]
     return ([p[0] for p in train], [p[1] for p in train]), ([p[0] for p in evals], [p[1] for p in evals])
+
+
+def is_class_folder(source: str, ds: DatasetSpec) -> bool:
+    """True when `source` is an image classification folder (one folder per class) rather than a file."""
+    if ds.format != "image_classification" or Path(source).suffix.lower() in FILE_TYPES:
+        return False
+    return source.startswith("s3://") or Path(source.removeprefix("file://")).is_dir()
+
+
+def _read_source(source: str, ds: DatasetSpec, config) -> tuple[list[dict[str, Any]], bytes]:
+    """The rows of a file or class folder, and the bytes its fingerprint is taken of."""
+    if is_class_folder(source, ds):
+        return _class_folder_rows(source, ds, config)
+    raw = _read_bytes(source, config)
+    return _parse(raw, source), raw
+
+
+def _class_folder_rows(source: str, ds: DatasetSpec, config) -> tuple[list[dict[str, Any]], bytes]:
+    """Rows `{image_field: absolute path or s3:// URI, label_field: class folder name}`, sorted by path."""
+    files = _folder_files(source, config)
+    rows, digest = [], hashlib.sha256()
+    for rel, (uri, read) in sorted(files.items()):
+        if not rel.lower().endswith(IMAGE_SUFFIXES):
+            continue  # a README or a metadata file beside the class folders
+        if "/" not in rel:
+            raise ConfigError(f"`dataset.source` {source}: the image {rel} is not inside a class folder; the "
+                              "layout is one folder per class (<source>/<label>/<image>). Move it into one")
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(read()).digest())
+        rows.append({ds.image_field: uri, ds.label_field: rel.split("/", 1)[0]})
+    if not rows:
+        raise ConfigError(f"`dataset.source` {source} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class "
+                          "folders; the layout is <source>/<label>/<image>")
+    return rows, digest.digest()
+
+
+def _folder_files(source: str, config) -> dict[str, tuple[str, Any]]:
+    """{path relative to `source`: (absolute path or s3:// URI, a function reading its bytes)}."""
+    if source.startswith("s3://"):
+        from peftray.endpoints import load_config
+
+        fs = (config or load_config()).s3fs()
+        root = source[len("s3://"):].rstrip("/")
+        keys = fs.find(root)
+        if not keys:
+            raise ConfigError(f"`dataset.source` {source} does not exist in object storage (or is empty)")
+        return {k[len(root) + 1:]: (f"s3://{k}", lambda k=k: fs.cat_file(k)) for k in keys}
+    root = Path(source.removeprefix("file://")).absolute()
+    return {p.relative_to(root).as_posix(): (str(p), p.read_bytes) for p in root.rglob("*") if p.is_file()}
 
 
 def _read_bytes(source: str, config) -> bytes:

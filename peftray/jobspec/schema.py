@@ -54,9 +54,13 @@ def peft_config_kwargs(adapter: BaseModel, task: str, base_ref: str | None = Non
     """The adapter section as keyword arguments of the matching HF-PEFT-style config class.
 
     The method's own section says how (`dora` becomes LoRA with `use_dora=True`); `task_type` is filled in
-    from the job's task.
+    from the job's task, and the task's own `modules_to_save` (image_cls: the classifier) join the section's.
     """
-    return {**adapter.peft_kwargs(base_ref), "task_type": TASKS[task].task_type}
+    kwargs = {**adapter.peft_kwargs(base_ref), "task_type": TASKS[task].task_type}
+    if TASKS[task].modules_to_save:
+        kwargs["modules_to_save"] = list(dict.fromkeys([*(kwargs.get("modules_to_save") or []),
+                                                        *TASKS[task].modules_to_save]))
+    return kwargs
 
 
 # ---- data, training, resources, registry -----------------------------------------------------------------
@@ -66,8 +70,10 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 class DatasetSpec(_Strict):
     """Where the rows come from and how they become token ids and labels."""
 
-    source: str = Field(description="local .json/.jsonl/.csv/.parquet file, s3:// URI, or hub dataset id")
-    format: Literal["text", "instruction", "chat", "classification", "preference", "image_caption"]
+    source: str = Field(description="local .json/.jsonl/.csv/.parquet file, s3:// URI, or hub dataset id; "
+                                    "image_classification also takes a folder (local or s3://) of one folder per class")
+    format: Literal["text", "instruction", "chat", "classification", "preference", "image_caption",
+                    "image_classification"]
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="split to train on (hub datasets; local files have only 'train')")
     eval_split: str | None = Field(None, description="split to evaluate on; else eval_fraction of the rows")
@@ -81,10 +87,11 @@ class DatasetSpec(_Strict):
     messages_field: str = "messages"
     chosen_field: str = Field("chosen", description="preference: the preferred completion (string or messages)")
     rejected_field: str = Field("rejected", description="preference: the dispreferred completion")
-    label_field: str = "label"
-    labels: list[str] | None = Field(None, description="class names in label-id order (classification)")
-    image_field: str = Field("image", description="image_caption: the image path (relative to the file), s3:// "
-                                                  "URI, data: URI or bytes column")
+    label_field: str = Field("label", description="classification, image_classification: the label column")
+    labels: list[str] | None = Field(None, description="class names in label-id order (classification, "
+                                                       "image_classification); default: the sorted labels")
+    image_field: str = Field("image", description="image_caption, image_classification: the image path (relative "
+                                                  "to the file), s3:// URI, data: URI or bytes column")
     caption_field: str = Field("caption", description="image_caption: the caption column")
     max_seq_len: int = Field(512, gt=0)
     max_prompt_len: int | None = Field(
@@ -236,6 +243,11 @@ class JobSpec(_Strict):
             raise ValueError(f"`training.objective: {self.training.objective}` needs dataset.format "
                              f"'{'preference' if preference else 'text, instruction or chat'}', got "
                              f"'{self.dataset.format}'")
+        if not TASKS[self.task].prompt_methods and not method_for_spec(self.adapter.method).adapts_weights:
+            weight = [n for n in METHODS if method_for_spec(n).adapts_weights]
+            raise ValueError(f"`task: {self.task}` trains weight adapters only ({', '.join(weight)}), got "
+                             f"`adapter.method: {self.adapter.method}` (a prompt-learning method needs a token "
+                             f"sequence to prepend to); set adapter.method=lora")
         if self.training.snr_gamma is not None and not TASKS[self.task].diffusion:
             raise ValueError(f"`training.snr_gamma` applies to task text_to_image, got task '{self.task}'")
         if self.quantization and self.resources.use_tpu:

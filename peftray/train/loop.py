@@ -60,7 +60,7 @@ class Job:
     ddp: torch.nn.Module  # the model DDP wraps (the PeftModel itself with one worker)
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    pad_id: int
+    pad_id: int | None
     scaler: Any = None  # fp16 loss scaling (CUDA only); None otherwise
     reference: torch.Tensor | None = None  # dpo, reference: precomputed: [train + eval rows, (chosen, rejected)]
 
@@ -84,8 +84,9 @@ def build(spec: JobSpec, ctx: LoopContext) -> Job:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)  # syncs requires_grad params only
     optimizer = make_optimizer(model, t)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    return Job(spec, data, plan, total, model, ddp, optimizer, make_scheduler(optimizer, t, total), tok.pad_token_id,
-               scaler)
+    # an image processor (image_cls) has no pad token: image batches are stacked, never padded
+    return Job(spec, data, plan, total, model, ddp, optimizer, make_scheduler(optimizer, t, total),
+               getattr(tok, "pad_token_id", None), scaler)
 
 
 def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
@@ -197,7 +198,7 @@ def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
     batches = [objective.collate([job.data.train[i] for i in idx], job.pad_id)
                for idx in job.plan.micro_batches(step, ctx.rank)]
     local = _add([objective.counts(b, job.spec) for b in batches])
-    local["tokens"] = float(sum(int(b["attention_mask"].sum()) for b in batches))
+    local["tokens"] = float(sum(_throughput_units(b) for b in batches))
     counts = _all_sum_dict(local, ctx)
     sums: dict[str, float] = {}
     for k, batch in enumerate(batches):
@@ -214,6 +215,12 @@ def train_step(job: Job, ctx: LoopContext, step: int) -> dict[str, float]:
     seconds = time.perf_counter() - began
     return {**metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / seconds,
             "step_seconds": seconds, "epoch": float(step // job.plan.steps_per_epoch)}
+
+
+def _throughput_units(batch: dict[str, torch.Tensor]) -> int:
+    """What tokens_per_s counts: the attended tokens of a text batch, the images of an image batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["pixel_values"].shape[0])
 
 
 def _add(parts: list[dict[str, float]]) -> dict[str, float]:

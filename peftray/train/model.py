@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +27,13 @@ def resolve_base(spec: JobSpec, config=None) -> str:
 
 
 def tokenizer_and_data(spec: JobSpec, path: str, config=None) -> tuple[Any, PreparedData]:
-    """The base's tokenizer and the prepared dataset; a task/base mismatch is refused first."""
+    """The base's tokenizer (image_cls: its image processor) and the prepared dataset; a task/base mismatch is
+    refused first."""
     diffusion.check_base(spec, path)
+    check_head(spec, path)
+    if TASKS[spec.task].image_processor:
+        processor = load_image_processor(spec, path)
+        return processor, prepare_data(spec, None, config, image_processor=processor)
     if not TASKS[spec.task].diffusion:
         tok = load_tokenizer(spec, path)
         return tok, prepare_data(spec, tok, config)
@@ -44,6 +51,48 @@ def load_text_to_image(spec: JobSpec, path: str, data: PreparedData, device: tor
     diffusion.attach_latents(model, data.train, 0)
     diffusion.attach_latents(model, data.eval, len(data.train))
     return model
+
+
+def _heads(auto_model: str) -> dict[str, str] | None:
+    """transformers' model_type -> class table behind an Auto class (None if this transformers hides it)."""
+    import transformers
+
+    return getattr(getattr(getattr(transformers, auto_model, None), "_model_mapping", None), "_model_mapping", None)
+
+
+def check_head(spec: JobSpec, path: str) -> None:
+    """Refuse a base whose model type the task's Auto class cannot load (image_cls on a causal LM, causal_lm on a
+    ViT), from the folder's config.json, before any weights load. Hub ids, pipeline folders and remote code
+    (`auto_map`) are left to `from_pretrained`."""
+    task = TASKS[spec.task]
+    config_file = Path(path) / "config.json"
+    if task.diffusion or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    heads, model_type = _heads(task.auto_model), config.get("model_type")
+    if heads is None or "auto_map" in config or model_type in heads:
+        return
+    fits = [n for n, t in TASKS.items() if not t.diffusion and model_type in (_heads(t.auto_model) or {})]
+    hint = f"; use task: {' or '.join(fits)}, or another base model" if fits else "; use another base model"
+    make = " (`peftray make-tiny-model --kind vit DIR` makes a tiny ViT)" if task.image_processor else ""
+    raise ConfigError(f"`task: {spec.task}` needs a base model that {task.auto_model} loads{make}, but "
+                      f"`base_model.path` {spec.base_model.path} is a {model_type!r} model "
+                      f"({', '.join(config.get('architectures') or []) or 'no architectures listed'}){hint}")
+
+
+def load_image_processor(spec: JobSpec, path: str):
+    """The base model's image processor (preprocessor_config.json): how images are resized and normalized."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, revision=spec.base_model.revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"`base_model.path` {spec.base_model.path!r}: cannot load an image processor ({exc}). "
+                          f"`task: {spec.task}` needs a model folder with preprocessor_config.json (an s3:// copy of "
+                          "one, or a reachable hub id)") from None
 
 
 def load_tokenizer(spec: JobSpec, path: str):
@@ -86,11 +135,13 @@ def load_base(spec: JobSpec, path: str, tokenizer, label_names: list[str] | None
     task = TASKS[spec.task]
     if task.classification:
         names = label_names or []
+        # the head is sized from the label names: a saved head of another size is replaced by a new one
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
-                      label2id={n: i for i, n in enumerate(names)})
+                      label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
     model = getattr(transformers, task.auto_model).from_pretrained(path, **kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    pad = getattr(tokenizer, "pad_token_id", None)  # an image processor has none, nor does a ViT config
+    if pad is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

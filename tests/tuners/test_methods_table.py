@@ -95,18 +95,27 @@ def test_spec_fields_are_config_fields():
 def test_each_task_has_a_peft_task_type_a_head_and_formats_the_spec_accepts(task_name):
     task = TASKS[task_name]
     assert TASK_TYPES[task_name] == task.task_type
-    if task.diffusion:
-        # diffusers saves a UNet's LoRA config without a task_type, and its base loads with a diffusers class
-        assert task.task_type is None
-        assert hasattr(diffusers, task.auto_model)
+    if task.task_type is None:
+        # no PEFT TaskType: diffusers saves a UNet's LoRA config without one, and HF PEFT has none for image
+        # classification (its ViT guide names the head in modules_to_save instead)
+        assert task.diffusion or task.modules_to_save
     else:
         assert TaskType(task.task_type) in TASK_CLASSES
-        assert hasattr(transformers, task.auto_model)
+    assert hasattr(diffusers if task.diffusion else transformers, task.auto_model)
     for fmt in task.dataset_formats:
         objective = {"training": {"objective": "dpo"}} if fmt == "preference" else {}  # pairs need a pair objective
         spec = JobSpec.model_validate({**_BASE, "task": task_name, "dataset": {"source": "d", "format": fmt},
                                        **objective})
         assert spec.peft_kwargs()["task_type"] == task.task_type
+        assert set(task.modules_to_save) <= set(spec.peft_kwargs().get("modules_to_save") or [])
+        for method in METHODS:  # prompt-learning methods only where the task takes them
+            data = {**_BASE, "task": task_name, "dataset": {"source": "d", "format": fmt}, **objective,
+                    "adapter": {"method": method}}
+            if task.prompt_methods or method_for_spec(method).adapts_weights:
+                JobSpec.model_validate(data)
+            else:
+                with pytest.raises(ValueError, match=f"`task: {task_name}` trains weight adapters only"):
+                    JobSpec.model_validate(data)
     others = {f for t in TASKS.values() if t is not task for f in t.dataset_formats} - set(task.dataset_formats)
     for fmt in others:
         with pytest.raises(ValueError, match=f"task {task_name} needs dataset.format"):

@@ -23,6 +23,7 @@ DEFAULTS = {
     "roberta": (["key", "value", "output.dense"], ["output.dense"]),
     "t5": (["k", "v", "wo"], ["wo"]),
     "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "vit": (["k_proj", "v_proj", "mlp.fc2"], ["mlp.fc2"]),  # not in HF PEFT's table; transformers >= 5 names
 }
 
 

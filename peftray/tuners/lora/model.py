@@ -22,6 +22,8 @@ DEFAULT_TARGETS = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "t5": ["q", "v"], "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
+    # not in HF PEFT's table (it asks for target_modules); transformers >= 5 names ViT's projections so (4.x: query, value)
+    "vit": ["q_proj", "v_proj"],
 }
 
 
