@@ -61,6 +61,18 @@ def keep_replica_grpc_on_loopback() -> None:
     serve_replica.add_port_to_grpc_server = loopback
 
 
+def adapter_fetcher(max_adapters: int):
+    """`await fetch(key)` -> the adapter's local folder, through Serve's multiplexing (so Serve knows which
+    replica holds which adapter and routes its requests there)."""
+
+    async def fetch_adapter(key: str) -> str:
+        from peftray.registry import fetch
+
+        return str(await asyncio.to_thread(fetch, key))
+
+    return serve.multiplexed(max_num_models_per_replica=max_adapters)(fetch_adapter)
+
+
 def _error_event(exc: BaseException) -> dict:
     status = int(getattr(exc, "http_status", 500)) if isinstance(exc, PeftrayError) else 500
     msg = str(exc) if isinstance(exc, PeftrayError) else f"internal error in the engine: {type(exc).__name__}: {exc}"
@@ -76,15 +88,7 @@ class AdapterEngine:
         keep_replica_grpc_on_loopback()
         self.spec = ServeConfig.model_validate(spec)
         self.engine, self.tokenizer = load_engine(self.spec)
-        from ray import serve as _serve
-
-        async def fetch_adapter(key: str) -> str:  # Serve's multiplexing: which replica holds which adapter
-            from peftray.registry import fetch
-
-            return str(await asyncio.to_thread(fetch, key))
-
-        self._adapter_path = _serve.multiplexed(max_num_models_per_replica=self.spec.max_adapters_per_replica)(
-            fetch_adapter)
+        self._adapter_path = adapter_fetcher(self.spec.max_adapters_per_replica)
 
     async def generate(self, key: Optional[str], job: dict) -> AsyncIterator[dict]:
         """Run one job (prompt or chat messages + sampling params); yields event dicts, errors as events."""
@@ -324,7 +328,12 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
     else:
         engine_opts["num_replicas"] = spec.num_replicas
     public = spec.model_dump(exclude={"api_key"})
-    engine = AdapterEngine.options(**engine_opts).bind(public)
+    if spec.task == "text_to_image":
+        from peftray.serve.image_replica import ImageEngine
+
+        engine = ImageEngine.options(**engine_opts).bind(public)
+    else:
+        engine = AdapterEngine.options(**engine_opts).bind(public)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
         engine, public, api_key)
 

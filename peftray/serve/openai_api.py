@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, errors, SSE streaming.
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /v1/images/generations,
+errors, SSE streaming.
 
 The routes are thin: check the key, validate the body (pydantic, unknown fields refused), resolve `model`,
 hand the job to the backend (the Serve ingress sends it to an engine replica) and shape its events into
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from peftray.errors import PeftrayError
 from peftray.serve import openai_shape as shape
-from peftray.serve.openai_schema import ChatRequest, CompletionRequest, _Common
+from peftray.serve.openai_schema import ChatRequest, CompletionRequest, ImageRequest, _Common
 from peftray.serve.watch import ModelResolver, Target
 
 
@@ -58,14 +59,15 @@ def error_response(status: int, message: str, code: Optional[str] = None, param:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def from_exception(exc: BaseException) -> JSONResponse:
+def from_exception(exc: BaseException, param: Optional[str] = None) -> JSONResponse:
+    """OpenAI's error for `exc`; `param` names the request field when the exception does not (its `param`)."""
     status = int(getattr(exc, "http_status", 500))
     code = getattr(exc, "code", None)
     if status == 404 and code == "not_found":
         code = "model_not_found"
     return error_response(status, str(exc) if status < 500 or isinstance(exc, PeftrayError)
-                          else f"internal error: {type(exc).__name__}", code, retry_after=getattr(exc, "retry_after_s",
-                                                                                                   None))
+                          else f"internal error: {type(exc).__name__}", code, getattr(exc, "param", None) or param,
+                          retry_after=getattr(exc, "retry_after_s", None))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -153,12 +155,31 @@ def make_app(get_backend=current_backend) -> FastAPI:
                      "params": body.params(dmt, j)}) for j in range(body.n)]
         return await _serve(get_backend(), body, jobs, chat=True)
 
+    @app.post("/v1/images/generations")
+    async def _images(body: ImageRequest):
+        from peftray.serve.openai_images import serve_images
+
+        return await serve_images(get_backend(), body)
+
     return app
+
+
+def wrong_task(backend, model: str, want: str, route: str) -> Optional[JSONResponse]:
+    """A 400 naming `model` when this deployment's task is not the one `route` needs."""
+    spec = backend.resolver.spec
+    if spec.task == want:
+        return None
+    return error_response(400, f"`model` {model!r}: this deployment serves {spec.served_model_id!r} for {spec.task}; "
+                               f"{route} needs a {want} deployment (task: {want} in its serve spec).",
+                          "model_not_supported", "model")
 
 
 async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], chat: bool):
     """Run every choice's job at once (they share the engine's batches) and shape the answer."""
     metrics = getattr(backend, "metrics", None)
+    refused = wrong_task(backend, body.model, "causal_lm", "/v1/chat/completions" if chat else "/v1/completions")
+    if refused is not None:
+        return _counted(metrics, "unresolved", refused)
     try:
         target = await backend.call(backend.resolver.resolve, body.model)
     except Exception as exc:  # noqa: BLE001
@@ -244,7 +265,8 @@ async def _with_deadline(events: AsyncIterator[dict], timeout_s: float) -> Async
                 return
             if ev.get("error"):
                 err = ev["error"]
-                raise _RemoteError(err.get("status", 500), err.get("message", "error"), err.get("code"))
+                raise _RemoteError(err.get("status", 500), err.get("message", "error"), err.get("code"),
+                                   err.get("param"))
             yield ev
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the request ran longer than request_timeout_s={timeout_s:g} s and was stopped; "
@@ -259,9 +281,9 @@ async def _with_deadline(events: AsyncIterator[dict], timeout_s: float) -> Async
 
 
 class _RemoteError(PeftrayError):
-    def __init__(self, status: int, message: str, code: Optional[str]) -> None:
+    def __init__(self, status: int, message: str, code: Optional[str], param: Optional[str] = None) -> None:
         super().__init__(message)
-        self.http_status, self.code = status, code or "error"
+        self.http_status, self.code, self.param = status, code or "error", param
         self.retry_after_s = 1 if status in (429, 503) else None
 
 
