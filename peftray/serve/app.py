@@ -10,6 +10,8 @@ adapter it holds in the same forward passes. Overload is refused at the ingress 
 in the replica (every slot pinned, 503), with Retry-After; a dead replica's requests are retried on another
 one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica,
 also one whose engine stalls (its health check fails after `stall_timeout_s` without a step).
+A `task: text_to_image` spec runs ImageEngine replicas (`peftray.serve.image_replica`: a diffusers pipeline, UNet
+adapters in the same slots) behind the same ingress, resolver and admission.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from peftray.endpoints import without_secrets
 from peftray.errors import PeftrayError
 from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
+from peftray.serve.replica import adapter_fetcher, keep_replica_grpc_on_loopback
 from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
@@ -36,41 +39,6 @@ fastapi_app = make_app()
 class TooManyRequests(OverloadedError):
     code = "rate_limit_exceeded"
     http_status = 429
-
-
-def keep_replica_grpc_on_loopback() -> None:
-    """Bind this replica's inter-deployment gRPC server to 127.0.0.1 when its node is loopback-only.
-
-    Serve starts that server (authenticated with the Ray token) on `[::]:0`, every interface, whatever the
-    node's address; on the local stack, whose Ray binds only loopback, it takes the node's address instead.
-    Runs in the replica's constructor, before Serve starts the server. A Ray without that hook is left alone.
-    """
-    import ray
-    from ray.serve._private import replica as serve_replica
-
-    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "peftray_loopback", False):
-        return
-    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
-        return
-
-    def loopback(server, address: str):
-        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
-
-    loopback.peftray_loopback = True
-    serve_replica.add_port_to_grpc_server = loopback
-
-
-def adapter_fetcher(max_adapters: int):
-    """`await fetch(key)` -> the adapter's local folder, through Serve's multiplexing (so Serve knows which
-    replica holds which adapter and routes its requests there)."""
-
-    async def fetch_adapter(key: str) -> str:
-        from peftray.registry import fetch
-
-        return str(await asyncio.to_thread(fetch, key))
-
-    return serve.multiplexed(max_num_models_per_replica=max_adapters)(fetch_adapter)
 
 
 def _error_event(exc: BaseException) -> dict:

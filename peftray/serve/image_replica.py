@@ -50,7 +50,7 @@ class ImageEngine:
     """One replica of a text_to_image deployment."""
 
     def __init__(self, spec: dict) -> None:
-        from peftray.serve.app import adapter_fetcher, keep_replica_grpc_on_loopback
+        from peftray.serve.replica import adapter_fetcher, keep_replica_grpc_on_loopback
 
         keep_replica_grpc_on_loopback()
         self.spec = ServeConfig.model_validate(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from peftray.serve.openai_api import _with_deadline, error_response, from_exception, wrong_task
+from peftray.serve.openai_errors import _with_deadline, error_response, from_exception, wrong_task
 from peftray.serve.openai_schema import ImageRequest
 
 

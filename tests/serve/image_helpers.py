@@ -22,7 +22,8 @@ def make_unet_lora(tiny_sd: Path, out: Path, seed: int, r: int = 4) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     model = peftray.get_peft_model(unet, peftray.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                                                            init_lora_weights=False))
+                                                            init_lora_weights=False,
+                                                            base_model_name_or_path=str(tiny_sd)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
