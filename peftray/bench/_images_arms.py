@@ -82,7 +82,7 @@ def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int,
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses[name].append(float(loss))
+            losses[name].append(float(loss.detach()))
         return step
 
     times = time_interleaved({"peftray": stepper(ours, "peftray"), "hf_peft": stepper(hf, "hf_peft")},

@@ -114,7 +114,8 @@ def render(r: dict) -> str:
     if "train" in r:
         t = r["train"]
         rows.append([f"train step (batch {t['batch']}, r={t['rank']})", f"{t['peftray']['ms']:.1f}",
-                     f"HF PEFT {t['hf_peft']['ms']:.1f}", *ratio(t["ratio"]), f"loss diff {t['loss_max_abs_diff']:.1e}"])
+                     f"HF PEFT {t['hf_peft']['ms']:.1f}", *ratio(t["ratio"]),
+                     f"loss diff {t['loss_max_abs_diff']:.1e}"])
     if "generate" in r:
         g = r["generate"]
         rows.append([f"{g['requests']} requests x {g['requests']} adapters, {g['steps']} steps, {g['size']}",

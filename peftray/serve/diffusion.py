@@ -125,15 +125,16 @@ class DiffusionEngine(LoraHost):
             raise field_error(field, f"`{field}` must be \"WIDTHxHEIGHT\" (e.g. \"512x512\"), got {size!r}.") from None
         m = self.size_multiple
         if w <= 0 or h <= 0 or w % m or h % m:
-            raise field_error(field, f"`{field}` {size!r}: this pipeline makes images whose sides are multiples of {m}.")
+            raise field_error(field, f"`{field}` {size!r}: this pipeline makes images whose sides are multiples "
+                                     f"of {m}.")
         return w, h
 
     def parse_size(self, size: Optional[str]) -> tuple[int, int]:
         """(width, height) of a request's `size` (None: the first served size); ConfigError naming `size`."""
         size = size or self.sizes[0]
         if size not in self.sizes:
-            raise field_error("size", f"`size` {size!r} is not served by this deployment; it makes {', '.join(self.sizes)} "
-                              "(the serve spec's image_sizes).")
+            raise field_error("size", f"`size` {size!r} is not served by this deployment; it makes "
+                                      f"{', '.join(self.sizes)} (the serve spec's image_sizes).")
         return self._check_size(size, "size")
 
     def check_adapter(self, key: str, config, state: dict) -> None:
@@ -164,8 +165,9 @@ class DiffusionEngine(LoraHost):
         """
         group = _Group(params, adapter, on_done)
         if group.rows > self.max_batch_size:
-            raise field_error("n", f"`n`={params.n} needs {group.rows} rows (two per image with guidance_scale > 1) but "
-                              f"this deployment's max_batch_size is {self.max_batch_size}; ask for fewer images.")
+            raise field_error("n", f"`n`={params.n} needs {group.rows} rows (two per image with guidance_scale > 1) "
+                                   f"but this deployment's max_batch_size is {self.max_batch_size}; ask for fewer "
+                                   "images.")
         with self._cv:
             if self._closed:
                 raise OverloadedError("the engine is shutting down; retry on another replica.")

@@ -38,7 +38,8 @@ class ServeConfig(BaseModel):
     base_model: str = Field(..., min_length=1, description="base model folder or hub id, loaded once per replica")
     task: Literal["causal_lm", "text_to_image"] = Field(
         "causal_lm", description="causal_lm: /v1/completions and /v1/chat/completions on a transformers model; "
-                                 "text_to_image: /v1/images/generations on a diffusers Stable Diffusion pipeline folder")
+                                 "text_to_image: /v1/images/generations on a diffusers Stable Diffusion pipeline "
+                                 "folder")
     image_sizes: Optional[list[str]] = Field(None, description='text_to_image: the "WxH" sizes requests may ask for '
                                                                "(default: the pipeline's native size)")
     model_id: Optional[str] = Field(None, description="the base model's name in the API (default: base_model)")

@@ -174,9 +174,9 @@ class AdapterSlots:
 def check_text_adapter(key: str, config, state: dict, model) -> None:
     """AdapterFormatError unless `config` is a text-generation adapter whose tensors name modules of `model`."""
     if config.task_type not in (None, TaskType.CAUSAL_LM):
-        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) has task_type {config.task_type.value}; only CAUSAL_LM "
-                                 "adapters generate text.")
-    check_modules(key, config, state, model, "a text model")
+        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) has task_type "
+                                 f"{config.task_type.value}; only CAUSAL_LM adapters generate text.")
+    check_modules(key, config, state, model, "text model")
 
 
 def check_modules(key: str, config, state: dict, model, what: str) -> None:
@@ -188,9 +188,9 @@ def check_modules(key: str, config, state: dict, model, what: str) -> None:
     paths = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in state if ".lora_" in k}
     missing = sorted(p for p in paths if p not in names)
     if missing:
-        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) adapts modules that this deployment's {what} does not "
-                                 f"have ({', '.join(missing[:3])}): it was trained for another kind of model. Send it "
-                                 "to a deployment of its own base model.")
+        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) adapts modules that this deployment's "
+                                 f"{what} does not have ({', '.join(missing[:3])}): it was trained for another kind "
+                                 "of model. Send it to a deployment of its own base model.")
 
 
 class LoraHost:

@@ -124,9 +124,9 @@ class ModelResolver:
     def _target(self, model: str, av) -> Target:
         kind = adapter_task(av)
         if kind is not None and kind != self.spec.task:
-            raise field_error("model", f"`model` {model!r} is a {kind} adapter ({av.name}/{av.version}) but this deployment "
-                              f"serves {self.spec.task} ({self.spec.served_model_id!r}); send it to a {kind} "
-                              "deployment of its base model.")
+            raise field_error("model", f"`model` {model!r} is a {kind} adapter ({av.name}/{av.version}) but this "
+                                       f"deployment serves {self.spec.task} ({self.spec.served_model_id!r}); send "
+                                       f"it to a {kind} deployment of its base model.")
         if not _same_base(av.base_model, self.spec.base_model):
             raise ConfigError(f"adapter {av.name}/{av.version} was trained for base model {av.base_model!r}, but "
                               f"this deployment serves {self.spec.served_model_id!r}; send it to a deployment of "
