@@ -132,3 +132,28 @@ def test_text_routes_and_image_route_refuse_the_other_task(image_app, tiny_model
 
     for exc in (_client_run(image_app, on_images), _client_run(text_app, on_text)):
         assert exc.body["param"] == "model" and "`model`" in exc.body["message"]
+
+
+def test_resolver_refuses_an_adapter_of_the_other_task_before_fetching_it(tiny_sd, tiny_model):
+    from peftray.errors import ConfigError
+    from peftray.registry.types import TAG_TASK_TYPE, AdapterVersion
+    from peftray.serve.serve_spec import ServeConfig
+    from peftray.serve.watch import ModelResolver, adapter_task
+
+    def version(name, base, files, tags):
+        return AdapterVersion(name=name, version=1, source="", run_id=None, base_model=base, base_revision=None,
+                              method="lora", rank=4, target_modules=[], metrics={}, tags=tags, aliases=[],
+                              files=files)
+
+    unet = version("u", str(tiny_sd), {"adapter_model.safetensors": "0", "pytorch_lora_weights.safetensors": "1"}, {})
+    text = version("t", str(tiny_sd), {"adapter_model.safetensors": "0"}, {TAG_TASK_TYPE: "CAUSAL_LM"})
+    plain = version("p", str(tiny_sd), {"adapter_model.safetensors": "0"}, {})
+    assert [adapter_task(v) for v in (unet, text, plain)] == ["text_to_image", "causal_lm", None]
+    images = ModelResolver(ServeConfig(base_model=str(tiny_sd), task="text_to_image"))
+    assert images._target("u@production", unet).key == "u/1" and images._target("p/1", plain).key == "p/1"
+    with pytest.raises(ConfigError, match="causal_lm adapter") as info:
+        images._target("t@production", text)
+    assert info.value.param == "model"
+    texts = ModelResolver(ServeConfig(base_model=str(tiny_sd)))  # same base name, so only the task differs
+    with pytest.raises(ConfigError, match="text_to_image adapter"):
+        texts._target("u/1", unet)
