@@ -85,3 +85,17 @@ def test_what_does_not_fit_is_refused_naming_the_field(engine, tiny_model, tmp_p
     assert engine.parse_size(None) == (32, 32)
     with pytest.raises(ConfigError, match="`n`"):
         engine.submit(_params(seed=1, n=7), None, lambda images, error: None)  # 14 rows > max_batch_size 12
+
+
+def test_a_unet_adapter_is_refused_by_the_text_engine(adapters, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftray.serve.engine import GenerationEngine
+
+    text = GenerationEngine(AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model))
+    try:
+        with pytest.raises(AdapterFormatError, match="`model`.*down_blocks|`model`.*up_blocks"):
+            text.slots.acquire("unet-lora", adapters[0])
+        assert text.loaded_adapters() == [] and text.peft is None
+    finally:
+        text.close()
