@@ -86,9 +86,11 @@ class ImageEngine:
                 raise error
             pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
             return {"images": pngs, "finished": True, "engine": self._counters()}
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away or timed out: free the rows and the slot
             if group is not None:
-                self.engine.cancel(group)  # the client went away or timed out: free the rows and the slot
+                self.engine.cancel(group)
+            elif adapter is not None:
+                self.engine.slots.release(adapter)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error for the client
             if not isinstance(exc, PeftrayError):

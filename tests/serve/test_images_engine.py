@@ -87,6 +87,16 @@ def test_what_does_not_fit_is_refused_naming_the_field(engine, tiny_model, tmp_p
         engine.submit(_params(seed=1, n=7), None, lambda images, error: None)  # 14 rows > max_batch_size 12
 
 
+def test_a_cancelled_request_frees_its_slot(engine, adapters):
+    import threading
+
+    slot = engine.slots.acquire("a1", adapters[1])
+    ended = threading.Event()
+    with engine._cv:  # queued and cancelled before the loop takes it
+        engine.cancel(engine.submit(_params(seed=1), slot, lambda images, error: ended.set()))
+    assert ended.wait(60) and slot.pins == 0
+
+
 def test_a_unet_adapter_is_refused_by_the_text_engine(adapters, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
