@@ -64,7 +64,8 @@ async def _with_deadline(events: AsyncIterator[dict], timeout_s: float) -> Async
             yield ev
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the request ran longer than request_timeout_s={timeout_s:g} s and was stopped; "
-                             "ask for fewer max_tokens or raise request_timeout_s in serve.yaml.") from None
+                             "ask for less (max_tokens; for images n or num_inference_steps) or raise "
+                             "request_timeout_s in serve.yaml.") from None
     finally:
         close = getattr(events, "aclose", None)
         if close is not None:
