@@ -6,6 +6,7 @@ train: one LoRA training step on the pipeline's UNet (noisy latents, timesteps a
 generate: `adapters` requests, each for its own adapter, denoised by peftray's engine in ONE batch (one UNet
   call per step for all of them) vs diffusers' pipeline with the adapters loaded (`load_lora_weights`) and
   `set_adapters` before each request, one request after another; the same seeds, so the images must agree.
+Every timed call ends in a host copy (the loss as a float, images as numpy), so GPU timings are synchronized.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _train_batch(unet, batch: int, seed: int):
             torch.randn(batch, unet.config.out_channels, size, size, generator=gen))
 
 
-def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int, warmup: int) -> dict:
+def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int, warmup: int,
+              device: str = "cpu") -> dict:
     """Median step time of each side, the paired ratio and the largest loss difference over the steps."""
     from diffusers import UNet2DConditionModel
 
@@ -69,7 +71,8 @@ def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int,
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     copy_lora_weights(hf, ours)
-    sample, t, hidden, noise = _train_batch(unet, batch, seed)
+    hf, ours = hf.to(device), ours.to(device)
+    sample, t, hidden, noise = (x.to(device) for x in _train_batch(unet, batch, seed))
     losses: dict[str, list[float]] = {"peftray": [], "hf_peft": []}
 
     def stepper(model, name):
@@ -120,7 +123,7 @@ def make_adapters(pipe_dir: Path, out: Path, count: int, rank: int, seed: int) -
 
 
 def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: float, seed: int, repeats: int,
-                 warmup: int) -> dict:
+                 warmup: int, device: str = "cpu") -> dict:
     """peftray's engine (one mixed batch) vs diffusers (set_adapters, one request at a time)."""
     import numpy as np
     from diffusers import StableDiffusionPipeline
@@ -133,7 +136,8 @@ def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: f
     pipe.set_progress_bar_config(disable=True)
     for name, folder in zip(names, folders):
         pipe.load_lora_weights(str(folder), adapter_name=name)
-    engine = DiffusionEngine(load_pipeline(str(pipe_dir), "cpu", torch.float32),
+    pipe = pipe.to(device)
+    engine = DiffusionEngine(load_pipeline(str(pipe_dir), device, torch.float32),
                              max_batch_size=2 * len(folders), max_adapters=len(folders))
     side = engine.native_size
     slots = [engine.slots.acquire(name, folder) for name, folder in zip(names, folders)]  # pinned for the run

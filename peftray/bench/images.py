@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--pipeline", default=None, help="a Stable Diffusion pipeline folder (default: the tiny one)")
     p.add_argument("--image-size", type=int, default=64, help="image side of the tiny pipeline (multiple of 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both arms run there, in float32)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for all")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time (steadier on a busy CPU machine; not for --device cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per arm (default 10; --quick 2)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--batch", type=int, default=4, help="training batch (images)")
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--image-size must be a multiple of 8 and at least 16, got {args.image_size}")
     if min(args.rank, args.batch, args.adapters, args.steps) < 1:
         p.error("--rank, --batch, --adapters and --steps must be >= 1")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device must be cpu or cuda (with a CUDA GPU present), got {args.device!r}")
     args.repeats = args.repeats or (2 if args.quick else 10)
     return args
 
@@ -72,17 +75,19 @@ def run(args, work: Path) -> dict:
     warmup = 1
     pipe_dir = Path(args.pipeline) if args.pipeline else _tiny_pipeline(work, args.image_size)
     results: dict = {"config": {"threads": args.threads, "clock": args.clock, "repeats": args.repeats,
+                                "device": args.device,
                                 "pipeline": str(args.pipeline or f"tiny SD, {args.image_size}x{args.image_size}"),
                                 "load_avg_at_start": os.getloadavg()[0], "torch": torch.__version__,
                                 "machine": platform.machine(), "cpus": os.cpu_count()}}
     sections = args.sections.split(",")
     if "train" in sections:
         results["train"] = arms.run_train(pipe_dir, rank=args.rank, batch=args.batch, seed=args.seed,
-                                          repeats=args.repeats, warmup=warmup)
+                                          repeats=args.repeats, warmup=warmup, device=args.device)
     if "generate" in sections:
         folders = arms.make_adapters(pipe_dir, work / "adapters", args.adapters, args.rank, args.seed)
         results["generate"] = arms.run_generate(pipe_dir, folders, steps=args.steps, guidance=args.guidance,
-                                                seed=args.seed, repeats=args.repeats, warmup=warmup)
+                                                seed=args.seed, repeats=args.repeats, warmup=warmup,
+                                                device=args.device)
     return results
 
 
