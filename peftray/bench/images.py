@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64, help="image side of the tiny pipeline (multiple of 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both arms run there, in float32)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for all")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time (steadier on a busy CPU machine; not for --device cuda)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or process CPU time (steadier on a busy CPU machine; not for --device cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per arm (default 10; --quick 2)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--batch", type=int, default=4, help="training batch (images)")
