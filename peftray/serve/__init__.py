@@ -2,6 +2,7 @@
 
     deploy("serve.yaml") -> Deployment(url, api_key)   status() -> {app: {...}}   down(name)
     GenerationEngine(model, tokenizer, ...)            the continuous-batching engine (no Ray needed)
+    DiffusionEngine(pipeline, ...)                     the text-to-image engine: one UNet call per step (no Ray)
 
 Importing this package starts nothing; Ray is imported when a function that needs it runs.
 """
@@ -12,7 +13,8 @@ _LAZY = {
     "ServeConfig": "peftray.serve.serve_spec", "load_serve_config": "peftray.serve.serve_spec",
     "Deployment": "peftray.serve.lifecycle", "deploy": "peftray.serve.lifecycle", "status": "peftray.serve.lifecycle",
     "down": "peftray.serve.lifecycle", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
-    "ModelResolver": "peftray.serve.watch",
+    "ModelResolver": "peftray.serve.watch", "DiffusionEngine": "peftray.serve.diffusion",
+    "ImageParams": "peftray.serve.diffusion",
 }
 
 

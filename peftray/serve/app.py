@@ -10,6 +10,8 @@ adapter it holds in the same forward passes. Overload is refused at the ingress 
 in the replica (every slot pinned, 503), with Retry-After; a dead replica's requests are retried on another
 one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica,
 also one whose engine stalls (its health check fails after `stall_timeout_s` without a step).
+A `task: text_to_image` spec runs ImageEngine replicas (`peftray.serve.image_replica`: a diffusers pipeline, UNet
+adapters in the same slots) behind the same ingress, resolver and admission.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from peftray.endpoints import without_secrets
 from peftray.errors import PeftrayError
 from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
+from peftray.serve.replica import adapter_fetcher, keep_replica_grpc_on_loopback
 from peftray.serve.serve_spec import ServeConfig
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
@@ -36,29 +39,6 @@ fastapi_app = make_app()
 class TooManyRequests(OverloadedError):
     code = "rate_limit_exceeded"
     http_status = 429
-
-
-def keep_replica_grpc_on_loopback() -> None:
-    """Bind this replica's inter-deployment gRPC server to 127.0.0.1 when its node is loopback-only.
-
-    Serve starts that server (authenticated with the Ray token) on `[::]:0`, every interface, whatever the
-    node's address; on the local stack, whose Ray binds only loopback, it takes the node's address instead.
-    Runs in the replica's constructor, before Serve starts the server. A Ray without that hook is left alone.
-    """
-    import ray
-    from ray.serve._private import replica as serve_replica
-
-    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "peftray_loopback", False):
-        return
-    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
-        return
-
-    def loopback(server, address: str):
-        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
-
-    loopback.peftray_loopback = True
-    serve_replica.add_port_to_grpc_server = loopback
 
 
 def _error_event(exc: BaseException) -> dict:
@@ -76,15 +56,7 @@ class AdapterEngine:
         keep_replica_grpc_on_loopback()
         self.spec = ServeConfig.model_validate(spec)
         self.engine, self.tokenizer = load_engine(self.spec)
-        from ray import serve as _serve
-
-        async def fetch_adapter(key: str) -> str:  # Serve's multiplexing: which replica holds which adapter
-            from peftray.registry import fetch
-
-            return str(await asyncio.to_thread(fetch, key))
-
-        self._adapter_path = _serve.multiplexed(max_num_models_per_replica=self.spec.max_adapters_per_replica)(
-            fetch_adapter)
+        self._adapter_path = adapter_fetcher(self.spec.max_adapters_per_replica)
 
     async def generate(self, key: Optional[str], job: dict) -> AsyncIterator[dict]:
         """Run one job (prompt or chat messages + sampling params); yields event dicts, errors as events."""
@@ -324,7 +296,12 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
     else:
         engine_opts["num_replicas"] = spec.num_replicas
     public = spec.model_dump(exclude={"api_key"})
-    engine = AdapterEngine.options(**engine_opts).bind(public)
+    if spec.task == "text_to_image":
+        from peftray.serve.image_replica import ImageEngine
+
+        engine = ImageEngine.options(**engine_opts).bind(public)
+    else:
+        engine = AdapterEngine.options(**engine_opts).bind(public)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
         engine, public, api_key)
 

@@ -21,7 +21,9 @@ from peftray.errors import ConfigError
 from peftray.serve import kv as kvops
 from peftray.serve.grammar import GrammarCompiler, RowGrammar
 from peftray.serve.sampling import penalize, token_logprobs
-from peftray.serve.slots import AdapterSlots, LoadedAdapter, OverloadedError, prompt_tensors
+from peftray.serve.slots import (
+    AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_text_adapter, prompt_tensors,
+)
 
 BASE = "__base__"
 
@@ -79,7 +81,7 @@ class _Row:
         return self.adapter.kind if self.adapter is not None else "lora"
 
 
-class GenerationEngine:
+class GenerationEngine(LoraHost):
     """Continuous batching over a causal LM with adapters in slots.
 
     Args:
@@ -117,28 +119,8 @@ class GenerationEngine:
         self._thread.start()
 
     # --- adapters (called by AdapterSlots) --------------------------------------------------------
-    def add_lora(self, internal: str, config, state: dict) -> None:
-        from peftray.task_models import PeftModel
-
-        with self._model_lock:
-            if self.peft is None:
-                # Serving keeps adapters in the base dtype (float32 copies only help training updates)
-                self.peft = PeftModel.from_pretrained(self.base, (config, state), adapter_name=internal,
-                                                      on_base_mismatch="ignore", autocast_adapter_dtype=False).eval()
-            else:
-                self.peft.load_adapter((config, state), adapter_name=internal, on_base_mismatch="ignore",
-                                       autocast_adapter_dtype=False)
-            if self._dormant is not None and self._dormant != internal:
-                self.peft.delete_adapter(self._dormant)
-                self._dormant = None
-
-    def remove_lora(self, internal: str) -> None:
-        with self._model_lock:
-            if self.peft is not None and len(self.peft.peft_config) == 1:
-                self._dormant = internal  # deleting the last adapter would leave the PeftModel without one
-                return
-            if self.peft is not None:
-                self.peft.delete_adapter(internal)
+    def check_adapter(self, key: str, config, state: dict) -> None:
+        check_text_adapter(key, config, state, self.base)
 
     def prompt_tensors(self, config, state: dict):
         return prompt_tensors(config, state, self.base.config, self.dtype, self.device)

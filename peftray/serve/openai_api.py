@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, errors, SSE streaming.
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /v1/images/generations,
+errors, SSE streaming.
 
 The routes are thin: check the key, validate the body (pydantic, unknown fields refused), resolve `model`,
 hand the job to the backend (the Serve ingress sends it to an engine replica) and shape its events into
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 import uuid
 from typing import Any, AsyncIterator, Optional, Protocol
 
@@ -19,15 +19,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from peftray.errors import PeftrayError
 from peftray.serve import openai_shape as shape
-from peftray.serve.openai_schema import ChatRequest, CompletionRequest, _Common
+from peftray.serve.openai_errors import (  # noqa: F401 - the error helpers stay importable from here
+    RequestTimeout, _RemoteError, _with_deadline, error_body, error_response, from_exception, wrong_task,
+)
+from peftray.serve.openai_images import serve_images
+from peftray.serve.openai_schema import ChatRequest, CompletionRequest, ImageRequest, _Common
 from peftray.serve.watch import ModelResolver, Target
-
-
-class RequestTimeout(PeftrayError):
-    code = "timeout"
-    http_status = 504
 
 
 class Backend(Protocol):
@@ -41,31 +39,6 @@ class Backend(Protocol):
     def run(self, target: Target, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
 
     async def call(self, fn, *args): ...
-
-
-# --- errors --------------------------------------------------------------------------------------------
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          429: "rate_limit_exceeded", 503: "server_error", 504: "server_error"}
-
-
-def error_body(status: int, message: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                   retry_after: Optional[float] = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, int(retry_after or 1)))} if status in (429, 503) else None
-    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
-
-
-def from_exception(exc: BaseException) -> JSONResponse:
-    status = int(getattr(exc, "http_status", 500))
-    code = getattr(exc, "code", None)
-    if status == 404 and code == "not_found":
-        code = "model_not_found"
-    return error_response(status, str(exc) if status < 500 or isinstance(exc, PeftrayError)
-                          else f"internal error: {type(exc).__name__}", code, retry_after=getattr(exc, "retry_after_s",
-                                                                                                   None))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -153,12 +126,19 @@ def make_app(get_backend=current_backend) -> FastAPI:
                      "params": body.params(dmt, j)}) for j in range(body.n)]
         return await _serve(get_backend(), body, jobs, chat=True)
 
+    @app.post("/v1/images/generations")
+    async def _images(body: ImageRequest):
+        return await serve_images(get_backend(), body)
+
     return app
 
 
 async def _serve(backend: Backend, body: _Common, jobs: list[tuple[int, dict]], chat: bool):
     """Run every choice's job at once (they share the engine's batches) and shape the answer."""
     metrics = getattr(backend, "metrics", None)
+    refused = wrong_task(backend, body.model, "causal_lm", "/v1/chat/completions" if chat else "/v1/completions")
+    if refused is not None:
+        return _counted(metrics, "unresolved", refused)
     try:
         target = await backend.call(backend.resolver.resolve, body.model)
     except Exception as exc:  # noqa: BLE001
@@ -229,40 +209,6 @@ async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
     finally:
         for t in tasks:
             t.cancel()
-
-
-async def _with_deadline(events: AsyncIterator[dict], timeout_s: float) -> AsyncIterator[dict]:
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError
-            try:
-                ev = await asyncio.wait_for(events.__anext__(), left)
-            except StopAsyncIteration:
-                return
-            if ev.get("error"):
-                err = ev["error"]
-                raise _RemoteError(err.get("status", 500), err.get("message", "error"), err.get("code"))
-            yield ev
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"the request ran longer than request_timeout_s={timeout_s:g} s and was stopped; "
-                             "ask for fewer max_tokens or raise request_timeout_s in serve.yaml.") from None
-    finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:  # noqa: BLE001 - closing a finished stream
-                pass
-
-
-class _RemoteError(PeftrayError):
-    def __init__(self, status: int, message: str, code: Optional[str]) -> None:
-        super().__init__(message)
-        self.http_status, self.code = status, code or "error"
-        self.retry_after_s = 1 if status in (429, 503) else None
 
 
 class _Stream:

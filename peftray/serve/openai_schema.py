@@ -189,3 +189,24 @@ class ChatRequest(_Common):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class ImageRequest(_Strict):
+    """`POST /v1/images/generations` (OpenAI's Images API) plus the diffusers fields a client sends in `extra_body`."""
+
+    model: str = Field(..., min_length=1)
+    prompt: str = Field(..., min_length=1)
+    n: int = Field(1, ge=1, le=10, description="images; with `seed`, all from one generator, as diffusers' "
+                                               "num_images_per_prompt")
+    size: Optional[str] = Field(None, description='"WxH"; one of the deployment\'s image_sizes (default: the first)')
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="url is refused: nothing is stored")
+    user: Optional[str] = None
+    seed: Optional[int] = Field(None, ge=0, description="the same seed gives the same images")
+    num_inference_steps: int = Field(50, ge=1, le=500)
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance; <= 1 turns it off")
+    negative_prompt: Optional[str] = None
+
+    def params(self) -> dict[str, Any]:
+        """The engine's ImageParams fields (size still as text: the replica checks it against its pipeline)."""
+        return {"prompt": self.prompt, "n": self.n, "size": self.size, "steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "seed": self.seed}

@@ -2,6 +2,7 @@
 
     name: tiny                      # Serve application name (also the route prefix's owner)
     base_model: ./models/tiny-llama # folder or hub id; adapters must have been trained on it
+    task: causal_lm                 # or text_to_image: base_model is a diffusers pipeline folder
     adapters: ["*"]                 # what it may serve: "*", "name", "name@alias", "name/3"
     max_adapters_per_replica: 8     # adapter slots (LRU)
     max_batch_size: 16              # rows per forward pass
@@ -35,6 +36,12 @@ class ServeConfig(BaseModel):
 
     name: str = Field("peftray", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", description="Serve application name")
     base_model: str = Field(..., min_length=1, description="base model folder or hub id, loaded once per replica")
+    task: Literal["causal_lm", "text_to_image"] = Field(
+        "causal_lm", description="causal_lm: /v1/completions and /v1/chat/completions on a transformers model; "
+                                 "text_to_image: /v1/images/generations on a diffusers Stable Diffusion pipeline "
+                                 "folder")
+    image_sizes: Optional[list[str]] = Field(None, description='text_to_image: the "WxH" sizes requests may ask for '
+                                                               "(default: the pipeline's native size)")
     model_id: Optional[str] = Field(None, description="the base model's name in the API (default: base_model)")
     adapters: list[str] = Field(["*"], description='"*" (any adapter trained on base_model), "name", "name@alias", '
                                                    'or "name/3"')
@@ -61,6 +68,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if not self.adapters:
             raise ValueError('adapters must list at least one entry; use ["*"] to serve every adapter of base_model')
+        if self.image_sizes is not None and self.task != "text_to_image":
+            raise ValueError("image_sizes is a text_to_image field; remove it or set task: text_to_image")
         if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
             raise ValueError(f"autoscaling.max_replicas ({self.autoscaling.max_replicas}) must be >= "
                              f"autoscaling.min_replicas ({self.autoscaling.min_replicas})")

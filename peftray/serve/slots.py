@@ -66,7 +66,9 @@ class LoadedAdapter:
 
 
 class AdapterHost(Protocol):
-    """What slots need from the engine: put LoRA weights into its model and take them out again."""
+    """What slots need from the engine: check an adapter fits, put LoRA weights into its model and take them out."""
+
+    def check_adapter(self, key: str, config, state: dict) -> None: ...
 
     def add_lora(self, internal: str, config, state: dict) -> None: ...
 
@@ -156,9 +158,7 @@ class AdapterSlots:
 
     def _load(self, key: str, folder: str | Path) -> LoadedAdapter:
         config, state = adapter_io.read_adapter(str(folder))
-        if config.task_type not in (None, TaskType.CAUSAL_LM):
-            raise AdapterFormatError(f"adapter {key!r} has task_type {config.task_type.value}; only CAUSAL_LM "
-                                     "adapters generate text.")
+        self.host.check_adapter(key, config, state)
         internal = internal_name(key)
         serving = method_entry(config.peft_type).serving  # the tuners' table says how (and if) it is batched
         if serving == "lora":
@@ -171,6 +171,56 @@ class AdapterSlots:
             return LoadedAdapter(key, kind, internal, prefix=tensors)
         raise AdapterFormatError(f"adapter {key!r} is {config.peft_type.value}, which the serving engine does not "
                                  "batch; merge it into the base model (merge_and_unload) and serve that, or use LoRA.")
+
+
+def check_text_adapter(key: str, config, state: dict, model) -> None:
+    """AdapterFormatError unless `config` is a text-generation adapter whose tensors name modules of `model`."""
+    if config.task_type not in (None, TaskType.CAUSAL_LM):
+        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) has task_type "
+                                 f"{config.task_type.value}; only CAUSAL_LM adapters generate text.")
+    check_modules(key, config, state, model, "text model")
+
+
+def check_modules(key: str, config, state: dict, model, what: str) -> None:
+    """AdapterFormatError when a LoRA adapter's tensors name modules `model` does not have: it was trained on
+    another kind of model (a UNet adapter sent to a causal LM, or the other way round)."""
+    if config.peft_type != PeftType.LORA:
+        return
+    names = {n for n, _ in model.named_modules()}
+    paths = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in state if ".lora_" in k}
+    missing = sorted(p for p in paths if p not in names)
+    if missing:
+        raise AdapterFormatError(f"adapter {key!r} (the request's `model`) adapts modules that this deployment's "
+                                 f"{what} does not have ({', '.join(missing[:3])}): it was trained for another kind "
+                                 "of model. Send it to a deployment of its own base model.")
+
+
+class LoraHost:
+    """LoRA slots inside one PeftModel around `self.base` (`self.peft`, made on the first LoRA): the part of an
+    engine that `AdapterSlots` calls. The engine sets `base`, `peft = None`, `_dormant = None`, `_model_lock`."""
+
+    def add_lora(self, internal: str, config, state: dict) -> None:
+        from peftray.task_models import PeftModel
+
+        with self._model_lock:
+            if self.peft is None:
+                # Serving keeps adapters in the base dtype (float32 copies only help training updates)
+                self.peft = PeftModel.from_pretrained(self.base, (config, state), adapter_name=internal,
+                                                      on_base_mismatch="ignore", autocast_adapter_dtype=False).eval()
+            else:
+                self.peft.load_adapter((config, state), adapter_name=internal, on_base_mismatch="ignore",
+                                       autocast_adapter_dtype=False)
+            if self._dormant is not None and self._dormant != internal:
+                self.peft.delete_adapter(self._dormant)
+                self._dormant = None
+
+    def remove_lora(self, internal: str) -> None:
+        with self._model_lock:
+            if self.peft is not None and len(self.peft.peft_config) == 1:
+                self._dormant = internal  # deleting the last adapter would leave the PeftModel without one
+                return
+            if self.peft is not None:
+                self.peft.delete_adapter(internal)
 
 
 def prompt_tensors(config, state: dict, model_config, dtype: torch.dtype, device) -> tuple[str, object]:

@@ -48,6 +48,24 @@ def _table_entry(av) -> Optional[Method]:
         return None
 
 
+def field_error(param: str, message: str) -> ConfigError:
+    """A 400 about one request field: the API reports `param` in OpenAI's error object."""
+    err = ConfigError(message)
+    err.param = param
+    return err
+
+
+def adapter_task(av) -> Optional[str]:
+    """`text_to_image` for a UNet adapter (it carries diffusers' weights file), `causal_lm` for one saved with a
+    text task type, None when the version does not say (the engine then checks the tensors against its model)."""
+    from peftray.adapters.diffusers_lora import DIFFUSERS_WEIGHTS_NAME
+    from peftray.registry.types import TAG_TASK_TYPE
+
+    if DIFFUSERS_WEIGHTS_NAME in (av.files or {}):
+        return "text_to_image"
+    return "causal_lm" if (av.tags or {}).get(TAG_TASK_TYPE) else None
+
+
 class ModelResolver:
     """Maps request `model` strings to Targets, checking what this deployment may serve.
 
@@ -117,6 +135,11 @@ class ModelResolver:
         return self._target(model, av)
 
     def _target(self, model: str, av) -> Target:
+        kind = adapter_task(av)
+        if kind is not None and kind != self.spec.task:
+            raise field_error("model", f"`model` {model!r} is a {kind} adapter ({av.name}/{av.version}) but this "
+                                       f"deployment serves {self.spec.task} ({self.spec.served_model_id!r}); send "
+                                       f"it to a {kind} deployment of its base model.")
         if not _same_base(av.base_model, self.spec.base_model):
             raise ConfigError(f"adapter {av.name}/{av.version} was trained for base model {av.base_model!r}, but "
                               f"this deployment serves {self.spec.served_model_id!r}; send it to a deployment of "

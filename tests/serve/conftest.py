@@ -44,3 +44,11 @@ def served(stack, ray_session, tiny_model, tmp_path_factory):
         yield dep, info
     finally:
         down(spec.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """The tiny Stable Diffusion pipeline folder (as tests/diffusion make it)."""
+    from peftray.tiny_sd import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")

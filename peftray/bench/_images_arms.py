@@ -1,0 +1,171 @@
+"""The two sections of `peftray bench images`, each arm against its baseline in the same process.
+
+train: one LoRA training step on the pipeline's UNet (noisy latents, timesteps and text states fixed by a seed;
+  MSE on the noise; AdamW), peftray's LoRA vs HF PEFT's on deep copies of the same UNet, the same LoRA config
+  and the same initial LoRA weights (copied from HF PEFT's), so the losses must agree step for step.
+generate: `adapters` requests, each for its own adapter, denoised by peftray's engine in ONE batch (one UNet
+  call per step for all of them) vs diffusers' pipeline with the adapters loaded (`load_lora_weights`) and
+  `set_adapters` before each request, one request after another; the same seeds, so the images must agree.
+Every timed call ends in a host copy (the loss as a float, images as numpy), so GPU timings are synchronized.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+
+import torch
+
+from peftray.bench._tuners_setup import copy_lora_weights, median_ms, time_interleaved
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross", "a big red square",
+           "a small blue circle", "a black cross", "a white triangle"]
+
+
+def peft_module():
+    """HF PEFT, or a clear error: it is the baseline of both sections (diffusers' LoRA loading needs it too)."""
+    try:
+        import peft
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        from peftray.errors import ConfigError
+
+        raise ConfigError("`peftray bench images` compares against diffusers + Hugging Face PEFT, and `peft` is not "
+                          "installed; install the test extra (pip install -e '.[test]' in the checkout).") from exc
+    return peft
+
+
+def paired_ratio(arm: list[float], baseline: list[float]) -> dict:
+    """Median of per-repetition ratios baseline/arm (the arms alternate: each pair saw the same machine noise),
+    with the interquartile range as its spread; > 1 means peftray is faster."""
+    ratios = sorted(b / a for a, b in zip(arm, baseline))
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+    return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
+
+
+# --- train ------------------------------------------------------------------------------------------------
+def _train_batch(unet, batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    size, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    return (torch.randn(batch, unet.config.in_channels, size, size, generator=gen),
+            torch.randint(0, 1000, (batch,), generator=gen), torch.randn(batch, 16, dim, generator=gen),
+            torch.randn(batch, unet.config.out_channels, size, size, generator=gen))
+
+
+def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int, warmup: int,
+              device: str = "cpu") -> dict:
+    """Median step time of each side, the paired ratio and the largest loss difference over the steps."""
+    from diffusers import UNet2DConditionModel
+
+    import peftray
+
+    peft = peft_module()
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
+    kwargs = dict(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS)
+    torch.manual_seed(seed)
+    hf = peft.get_peft_model(copy.deepcopy(unet), peft.LoraConfig(init_lora_weights="gaussian", **kwargs))
+    ours = peftray.get_peft_model(copy.deepcopy(unet), peftray.LoraConfig(**kwargs))
+    with torch.no_grad():  # a non-zero B too, so that the LoRA products are not multiplications by zero
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    copy_lora_weights(hf, ours)
+    hf, ours = hf.to(device), ours.to(device)
+    sample, t, hidden, noise = (x.to(device) for x in _train_batch(unet, batch, seed))
+    losses: dict[str, list[float]] = {"peftray": [], "hf_peft": []}
+
+    def stepper(model, name):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            pred = model(sample, t, encoder_hidden_states=hidden).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(float(loss.detach()))
+        return step
+
+    times = time_interleaved({"peftray": stepper(ours, "peftray"), "hf_peft": stepper(hf, "hf_peft")},
+                             repeats, warmup)
+    diff = max(abs(a - b) for a, b in zip(losses["peftray"], losses["hf_peft"]))
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    return {"peftray": {"ms": median_ms(times["peftray"])}, "hf_peft": {"ms": median_ms(times["hf_peft"])},
+            "ratio": paired_ratio(times["peftray"], times["hf_peft"]), "loss_max_abs_diff": diff,
+            "batch": batch, "rank": rank, "trainable_params": trainable}
+
+
+# --- generate ---------------------------------------------------------------------------------------------
+def make_adapters(pipe_dir: Path, out: Path, count: int, rank: int, seed: int) -> list[Path]:
+    """`count` UNet LoRA folders (HF PEFT files + diffusers' file) with distinct random weights."""
+    from diffusers import UNet2DConditionModel
+
+    import peftray
+    from peftray.adapters.io import write_diffusers_lora
+
+    folders = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
+        model = peftray.get_peft_model(unet, peftray.LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                                                init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        folder = out / f"adapter{i}"
+        model.save_pretrained(folder)
+        write_diffusers_lora(folder, model.peft_config["default"], model.get_adapter_state_dict("default"))
+        folders.append(folder)
+    return folders
+
+
+def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: float, seed: int, repeats: int,
+                 warmup: int, device: str = "cpu") -> dict:
+    """peftray's engine (one mixed batch) vs diffusers (set_adapters, one request at a time)."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from peftray.serve.diffusion import DiffusionEngine, ImageParams, load_pipeline
+
+    peft_module()
+    names = [f"adapter{i}" for i in range(len(folders))]
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for name, folder in zip(names, folders):
+        pipe.load_lora_weights(str(folder), adapter_name=name)
+    pipe = pipe.to(device)
+    engine = DiffusionEngine(load_pipeline(str(pipe_dir), device, torch.float32),
+                             max_batch_size=2 * len(folders), max_adapters=len(folders))
+    side = engine.native_size
+    slots = [engine.slots.acquire(name, folder) for name, folder in zip(names, folders)]  # pinned for the run
+    params = [ImageParams(prompt=PROMPTS[i % len(PROMPTS)], width=side, height=side, steps=steps,
+                          guidance_scale=guidance, seed=seed + i) for i in range(len(folders))]
+    out: dict[str, list] = {}
+
+    def peftray_batch():
+        out["peftray"] = engine.generate_many(list(zip(params, slots)))
+
+    def diffusers_serial():
+        images = []
+        for name, p in zip(names, params):
+            pipe.set_adapters(name)
+            images.append(pipe(p.prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                               generator=torch.Generator().manual_seed(p.seed)).images)
+        out["diffusers"] = images
+
+    try:
+        with torch.inference_mode():
+            times = time_interleaved({"peftray": peftray_batch, "diffusers": diffusers_serial}, repeats, warmup)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(out["peftray"], out["diffusers"]))
+        unet_calls = engine.unet_rows[-steps:]
+    finally:
+        engine.close()
+    n = len(folders)
+    return {"peftray": {"ms": median_ms(times["peftray"]), "images_per_s": n / (median_ms(times["peftray"]) / 1e3)},
+            "diffusers": {"ms": median_ms(times["diffusers"]),
+                          "images_per_s": n / (median_ms(times["diffusers"]) / 1e3)},
+            "ratio": paired_ratio(times["peftray"], times["diffusers"]), "image_max_abs_diff": diff,
+            "requests": n, "steps": steps, "size": f"{side}x{side}", "unet_rows_per_step": unet_calls}
