@@ -56,12 +56,20 @@ def test_serving_refuses_exactly_the_methods_the_table_says_it_does_not_batch(pe
     from peftray.errors import ConfigError
     from peftray.serve.watch import ModelResolver
 
+    from peftray.registry.types import AdapterVersion
+
     entry = method_entry(peft_type)
-    resolver = ModelResolver(SimpleNamespace(base_model="./m", served_model_id="m"), registry=object())
+    resolver = ModelResolver(SimpleNamespace(base_model="./m", served_model_id="m", task="causal_lm"),
+                             registry=object())
     spec_name = _spec_names_of(entry)[0]
+
+    def version(tagged_type):
+        return AdapterVersion(name="a", version=1, source="mlflow-artifacts:/x", run_id=None, base_model=None,
+                              base_revision=None, method=spec_name, rank=None, target_modules=[], metrics={},
+                              tags={}, aliases=[], files={}, peft_type=tagged_type)
+
     # by the version's peft_type tag, and by its method tag alone (versions registered before that tag)
-    for av in (SimpleNamespace(name="a", version=1, base_model=None, method=spec_name, peft_type=peft_type),
-               SimpleNamespace(name="a", version=1, base_model=None, method=spec_name, peft_type=None)):
+    for av in (version(peft_type), version(None)):
         if entry.serving is None:
             with pytest.raises(ConfigError, match=f"is {peft_type}, which this server does not batch; merge it"):
                 resolver._target("a/1", av)
