@@ -240,9 +240,10 @@ class DiffusionEngine(LoraHost):
                     for group in new:
                         self._start(group)
                     self._groups = [g for g in self._groups + new if not self._drop(g)]
+                    # counted before it runs: a request its last step finishes wakes a caller who may read it
+                    self.steps += 1
                     if self._groups:
                         self._step()
-                    self.steps += 1
             except Exception as exc:  # noqa: BLE001 - a failed step fails its groups, never the loop
                 for group in self._groups + new:
                     self._finish(group, None, exc)

@@ -227,9 +227,10 @@ class GenerationEngine(LoraHost):
                     self._drop_finished()
                     if new:
                         self._admit([r for r in new if not r.cancelled])
+                    # counted before it runs: a request its last step finishes wakes a caller who may read it
+                    self.steps += 1
                     if self._rows:
                         self._decode()
-                    self.steps += 1
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the loop
                 for row in self._rows + new:
                     self._finish(row, None, error=exc)
