@@ -12,36 +12,16 @@ Every timed call ends in a host copy (the loss as a float, images as numpy), so 
 from __future__ import annotations
 
 import copy
-import statistics
 from pathlib import Path
 
 import torch
 
-from peftray.bench._tuners_setup import copy_lora_weights, median_ms, time_interleaved
+from peftray.bench._tuners_setup import (copy_lora_weights, median_ms, paired_ratio, peft_baseline,
+                                         time_interleaved)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow cross", "a big red square",
            "a small blue circle", "a black cross", "a white triangle"]
-
-
-def peft_module():
-    """HF PEFT, or a clear error: it is the baseline of both sections (diffusers' LoRA loading needs it too)."""
-    try:
-        import peft
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        from peftray.errors import ConfigError
-
-        raise ConfigError("`peftray bench images` compares against diffusers + Hugging Face PEFT, and `peft` is not "
-                          "installed; install the test extra (pip install -e '.[test]' in the checkout).") from exc
-    return peft
-
-
-def paired_ratio(arm: list[float], baseline: list[float]) -> dict:
-    """Median of per-repetition ratios baseline/arm (the arms alternate: each pair saw the same machine noise),
-    with the interquartile range as its spread; > 1 means peftray is faster."""
-    ratios = sorted(b / a for a, b in zip(arm, baseline))
-    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
-    return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -60,7 +40,7 @@ def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int,
 
     import peftray
 
-    peft = peft_module()
+    peft = peft_baseline("images", "diffusers + Hugging Face PEFT")
     unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
     kwargs = dict(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS)
     torch.manual_seed(seed)
@@ -93,7 +73,7 @@ def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int,
     diff = max(abs(a - b) for a, b in zip(losses["peftray"], losses["hf_peft"]))
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     return {"peftray": {"ms": median_ms(times["peftray"])}, "hf_peft": {"ms": median_ms(times["hf_peft"])},
-            "ratio": paired_ratio(times["peftray"], times["hf_peft"]), "loss_max_abs_diff": diff,
+            "ratio": paired_ratio(times["hf_peft"], times["peftray"]), "loss_max_abs_diff": diff,
             "batch": batch, "rank": rank, "trainable_params": trainable}
 
 
@@ -130,7 +110,7 @@ def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: f
 
     from peftray.serve.diffusion import DiffusionEngine, ImageParams, load_pipeline
 
-    peft_module()
+    peft_baseline("images", "diffusers + Hugging Face PEFT")
     names = [f"adapter{i}" for i in range(len(folders))]
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -167,5 +147,5 @@ def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: f
     return {"peftray": {"ms": median_ms(times["peftray"]), "images_per_s": n / (median_ms(times["peftray"]) / 1e3)},
             "diffusers": {"ms": median_ms(times["diffusers"]),
                           "images_per_s": n / (median_ms(times["diffusers"]) / 1e3)},
-            "ratio": paired_ratio(times["peftray"], times["diffusers"]), "image_max_abs_diff": diff,
+            "ratio": paired_ratio(times["diffusers"], times["peftray"]), "image_max_abs_diff": diff,
             "requests": n, "steps": steps, "size": f"{side}x{side}", "unet_rows_per_step": unet_calls}

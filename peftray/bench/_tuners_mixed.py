@@ -6,13 +6,12 @@ and (same weights) in peftray; rows are spread over the adapters round-robin, so
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from peftray.bench._tuners_setup import (PROJECTIONS, build_base, copy_lora_weights, lora_pair, median_ms,
-                                         randomize_lora, time_interleaved)
+                                         paired_ratio, randomize_lora, time_interleaved)
 
 N_ADAPTERS, RANK = 16, 16
 
@@ -68,14 +67,6 @@ def _without_kernel(models: MixedModels, ids, names):
 
     with cpu_kernel.use(False):
         return models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits
-
-
-def paired_ratio(arm: list[float], baseline: list[float]) -> dict:
-    """Median of the per-repetition ratios arm/baseline (arms alternate, so each pair saw the same machine
-    noise) and their interquartile range, the spread."""
-    ratios = sorted(a / b for a, b in zip(arm, baseline))
-    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
-    return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
 
 
 def run_cached_decode(models: MixedModels, seed: int, rows: int, prompt_len: int, repeats: int, warmup: int) -> dict:

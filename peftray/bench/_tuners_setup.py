@@ -28,16 +28,25 @@ def build_base(seed: int, vocab: int = 4096):
     return model
 
 
-def peft_baseline():
-    """The `peft` module, or a clear error when the test extra is not installed."""
+def peft_baseline(bench: str = "tuners", against: str = "Hugging Face PEFT"):
+    """The `peft` module, or a clear error (naming `peftray bench BENCH` and its baseline) when the test extra is
+    not installed."""
     try:
         import peft
     except ImportError as exc:  # pragma: no cover - depends on the environment
         from peftray.errors import ConfigError
 
-        raise ConfigError("`peftray bench tuners` compares against Hugging Face PEFT, which is not installed; "
-                          "install the test extra: pip install -e '.[test]' in the checkout.") from exc
+        raise ConfigError(f"`peftray bench {bench}` compares against {against}, and Hugging Face PEFT (`peft`) is "
+                          "not installed; install the test extra: pip install -e '.[test]' in the checkout.") from exc
     return peft
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Median of the per-repetition ratios numerator/denominator (the arms alternate, so each pair saw the same
+    machine noise) and their interquartile range, the spread."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+    return {"median": statistics.median(ratios), "p25": q(0.25), "p75": q(0.75), "n": len(ratios)}
 
 
 def lora_pair(base, config_kwargs: dict, adapters: list[str]):

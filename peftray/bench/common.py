@@ -1,8 +1,9 @@
-"""What several benchmarks share: the local stack to run against."""
+"""What several benchmarks share: the local stack to run against, and how results are written."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -26,3 +27,12 @@ def local_stack(prefix: str = "peftray-bench-", ray_num_cpus: int = 2) -> Iterat
     finally:
         if tmp:
             stack.down(tmp)
+
+
+def write_results(results: dict, out: str | Path) -> Path:
+    """Write `results` as JSON to `out` (its folder made if missing) and say where, with the run's wall time."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path} ({results['config']['wall_s']} s)")
+    return path

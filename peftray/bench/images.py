@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from peftray.bench._tuners_setup import CLOCK, CLOCKS
+from peftray.bench.common import write_results
 from peftray.tables import table
 
 SECTIONS = ("train", "generate")
@@ -69,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args, work: Path) -> dict:
     from peftray.bench import _images_arms as arms
 
-    arms.peft_module()  # say at once, before any model is built, when the baseline is missing
+    # say at once, before any model is built, when the baseline is missing
+    arms.peft_baseline("images", "diffusers + Hugging Face PEFT")
     _quiet()
     torch.set_num_threads(args.threads)
     CLOCK["now"] = CLOCKS[args.clock]
@@ -141,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args, Path(work))
     results["config"]["wall_s"] = round(time.perf_counter() - start, 1)
     print(render(results))
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {path} ({results['config']['wall_s']} s)")
+    write_results(results, args.out)
     return 0
 
 

@@ -73,7 +73,7 @@ def _run_engine(engine, jobs, params) -> tuple[float, int]:
 
 
 def _hf_peft(base_dir: Path, folders: list[Path], jobs_idx, prompts, max_new: int) -> tuple[float, int]:
-    peft = peft_baseline()
+    peft = peft_baseline("serve")
     from transformers import AutoModelForCausalLM
 
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(folders[0]),

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from peftray.bench._tuners_setup import CLOCK, CLOCKS
+from peftray.bench.common import write_results
 from peftray.tables import table
 
 GOALS = {
@@ -222,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["config"]["wall_s"] = round(time.perf_counter() - start, 1)
     print(render(results))
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {path} ({results['config']['wall_s']} s)")
+    write_results(results, args.out)
     return 0
 
 

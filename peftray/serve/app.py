@@ -28,7 +28,7 @@ from peftray.errors import PeftrayError
 from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
 from peftray.serve.replica import adapter_fetcher, keep_replica_grpc_on_loopback
-from peftray.serve.serve_spec import ServeConfig
+from peftray.serve.serve_spec import ServeConfig, replica_placement
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
@@ -171,16 +171,11 @@ def _rss_mb() -> float:
 
 def load_engine(spec: ServeConfig):
     """(GenerationEngine, tokenizer) for a serve spec: base model on its device and dtype, in eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftray.serve.engine import GenerationEngine
 
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    device, dtype = replica_placement(spec, cuda_auto_dtype="bfloat16")
     from peftray.base_models import local_model_dir
 
     path = local_model_dir(spec.base_model)  # an s3:// base model is downloaded once per node

@@ -18,7 +18,7 @@ import numpy as np
 from ray import serve
 
 from peftray.errors import PeftrayError
-from peftray.serve.serve_spec import ServeConfig
+from peftray.serve.serve_spec import ServeConfig, replica_placement
 
 log = logging.getLogger("peftray.serve")
 
@@ -122,16 +122,10 @@ class ImageEngine:
 
 def load_image_engine(spec: ServeConfig):
     """The DiffusionEngine of a text_to_image serve spec: the pipeline on its device and dtype."""
-    import torch
-
     from peftray.base_models import local_model_dir
     from peftray.serve.diffusion import DiffusionEngine, load_pipeline
 
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    device, dtype = replica_placement(spec, cuda_auto_dtype="float16")
     pipe = load_pipeline(str(local_model_dir(spec.base_model)), device, dtype)
     return DiffusionEngine(pipe, max_batch_size=spec.max_batch_size, max_queue=spec.max_ongoing_requests,
                            max_adapters=spec.max_adapters_per_replica, sizes=spec.image_sizes)

@@ -112,3 +112,16 @@ def load_serve_config(source: str | Path | dict, overrides: dict | None = None) 
         errs = "; ".join(f"`{'.'.join(str(p) for p in e['loc']) or '(spec)'}`: {e['msg']} (got {e.get('input')!r})"
                          for e in exc.errors())
         raise ConfigError(f"{where}: {errs}. Fix the field(s) in the serve spec.") from None
+
+
+def replica_placement(spec: ServeConfig, cuda_auto_dtype: str):
+    """(device, torch dtype) a replica loads its base model with, after applying `torch_threads`: `device: auto`
+    is CUDA when present, else the CPU; `dtype: auto` is `cuda_auto_dtype` (the task's usual half precision:
+    bfloat16 for text, float16 for diffusion pipelines) on CUDA and float32 elsewhere."""
+    import torch
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    name = spec.dtype if spec.dtype != "auto" else (cuda_auto_dtype if device == "cuda" else "float32")
+    return device, getattr(torch, name)
