@@ -146,8 +146,14 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
 
 
 def bench_http(base_dir: Path, root: Path, args) -> dict:
-    """Cold (from S3) / warm request latency through Serve, and Serve's overhead over the in-process engine."""
+    """Cold (from S3) / warm request latency through Serve, and Serve's overhead over the in-process engine.
+
+    The in-process engines live beside the deployment for the whole run, so each HTTP sample is paired with an
+    in-process sample taken right after it (this machine is shared and noisy): the 8-token latencies alternate
+    request by request, the load alternates over `--load-reps` rounds and reports the median ratio and its spread.
+    """
     import dataclasses
+    import statistics
     import uuid
 
     import httpx
@@ -156,92 +162,112 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
     from peftray.bench.common import local_stack
     from peftray.registry import register_adapter
     from peftray.serve import ServeConfig, deploy, down
-    from peftray.serve.engine import GenerationEngine, SamplingParams
+    from peftray.serve.engine import SamplingParams
 
     prompt, max_tokens, reps = "the quick brown fox jumps over the lazy dog", 8, args.latency_reps
     folders = _adapters(base_dir, root / "http", max(reps, args.adapters))
     tag = uuid.uuid4().hex[:6]
-    with local_stack("peftray-bench-serve-", ray_num_cpus=4) as cfg:
-        # an empty adapter cache for the replica: every first request really reads from S3
-        cfg = dataclasses.replace(cfg, cache_dir=root / "serve-cache")
-        names = [f"bench{tag}-{i}" for i in range(len(folders))]
-        for f, n in zip(folders, names):
-            register_adapter(f, n, base_model=str(base_dir), config=cfg)
-        # capacity = max_ongoing + max_queued = the concurrent clients of the load run
-        spec = ServeConfig(name=f"bench{tag}", base_model=str(base_dir), max_adapters_per_replica=len(names) + 1,
-                           num_cpus=0, torch_threads=args.threads, api_key=f"bench-key-{tag}",
-                           max_batch_size=args.requests, max_ongoing_requests=args.requests // 2,
-                           max_queued_requests=args.requests - args.requests // 2)
-        dep = deploy(spec, cfg, wait_s=300)
-        try:
-            with httpx.Client(base_url=dep.url, headers={"Authorization": f"Bearer {dep.api_key}"},
-                              timeout=120) as http:
-                def ask(model: str) -> tuple[float, int]:
-                    t0 = time.perf_counter()
-                    r = http.post("/v1/completions", json={"model": model, "prompt": prompt,
-                                                           "max_tokens": max_tokens, "temperature": 0})
-                    r.raise_for_status()
-                    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
-
-                ask(f"{names[0]}/1")  # the replica's first request (torch warm-up) is not a cold-adapter sample
-                cold, warm = [], []
-                for n in names[1:reps]:
-                    cold.append(ask(f"{n}/1")[0])
-                    warm.append(ask(f"{n}/1")[0])
-                served = [ask(f"{names[0]}/1") for _ in range(reps * 2)]
-            mixed = [f"{n}/1" for n in names[:args.adapters]]
-            load = drive(dep.url, dep.api_key, mixed, args.requests, args.requests, args.max_tokens)
-            over = refusals(dep.url, dep.api_key, mixed[0], 10 * args.requests)
-        finally:
-            down(spec.name, cfg)
-    # the same generation in this process: same base, same adapter, same prompt, same tokens
     tok = AutoTokenizer.from_pretrained(base_dir)
-    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, max_batch_size=8,
-                              max_queue=8, max_adapters=2)
+    ids, params = tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)
+    single = _InProcess(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, folders[:1], batch=8)
+    load_engine = _InProcess(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, folders[:args.adapters],
+                             batch=args.requests)
     try:
-        slot = engine.slots.acquire("a0", folders[0])
-        ids, params = tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)
-        engine.generate(ids, params, slot)
-        local = []
-        for _ in range(reps * 2):
-            t0 = time.perf_counter()
-            ev = engine.generate(ids, params, slot)
-            local.append(time.perf_counter() - t0)
+        single.generate(ids, params, 0)  # warm-up
+        with local_stack("peftray-bench-serve-", ray_num_cpus=4) as cfg:
+            # an empty adapter cache for the replica: every first request really reads from S3
+            cfg = dataclasses.replace(cfg, cache_dir=root / "serve-cache")
+            names = [f"bench{tag}-{i}" for i in range(len(folders))]
+            for f, n in zip(folders, names):
+                register_adapter(f, n, base_model=str(base_dir), config=cfg)
+            # capacity = max_ongoing + max_queued = the concurrent clients of the load run
+            spec = ServeConfig(name=f"bench{tag}", base_model=str(base_dir),
+                               max_adapters_per_replica=len(names) + 1, num_cpus=0, torch_threads=args.threads,
+                               api_key=f"bench-key-{tag}", max_batch_size=args.requests,
+                               max_ongoing_requests=args.requests // 2,
+                               max_queued_requests=args.requests - args.requests // 2)
+            dep = deploy(spec, cfg, wait_s=300)
+            try:
+                with httpx.Client(base_url=dep.url, headers={"Authorization": f"Bearer {dep.api_key}"},
+                                  timeout=120) as http:
+                    def ask(model: str) -> tuple[float, int]:
+                        t0 = time.perf_counter()
+                        r = http.post("/v1/completions", json={"model": model, "prompt": prompt,
+                                                               "max_tokens": max_tokens, "temperature": 0})
+                        r.raise_for_status()
+                        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+                    ask(f"{names[0]}/1")  # the replica's first request (torch warm-up) is not a cold sample
+                    cold, warm = [], []
+                    for n in names[1:reps]:
+                        cold.append(ask(f"{n}/1")[0])
+                        warm.append(ask(f"{n}/1")[0])
+                    served, local = [], []
+                    for _ in range(reps * 2):  # paired: one through HTTP, then the same in this process
+                        served.append(ask(f"{names[0]}/1"))
+                        t0 = time.perf_counter()
+                        ev = single.generate(ids, params, 0)
+                        local.append(time.perf_counter() - t0)
+                mixed = [f"{n}/1" for n in names[:args.adapters]]
+                drive(dep.url, dep.api_key, mixed, args.adapters, args.adapters, args.max_tokens)  # every adapter
+                load_engine.run(args.requests, args.max_tokens, warm_up=True)
+                rounds = []
+                for _ in range(args.load_reps):
+                    got = drive(dep.url, dep.api_key, mixed, args.requests, args.requests, args.max_tokens)
+                    rounds.append((got, load_engine.run(args.requests, args.max_tokens)))
+                over = refusals(dep.url, dep.api_key, mixed[0], 10 * args.requests)
+            finally:
+                down(spec.name, cfg)
     finally:
-        engine.close()
-    local_tok_s = _in_process_load(base_dir, folders[:args.adapters], args)
+        single.close()
+        load_engine.close()
     if ev.completion_tokens != served[0][1]:
         print(f"note: in-process generated {ev.completion_tokens} tokens, Serve {served[0][1]}")
     served_t = [t for t, _ in served]
+    pair = sorted(s / lo for s, lo in zip(served_t, local))
+    ratio_of = [got["tokens_per_s"] / local_tok_s for got, local_tok_s in rounds]
+    ratios = sorted(ratio_of)
+    load = rounds[ratio_of.index(ratios[len(ratios) // 2])][0]  # latency/TTFT of the median round
     return {"http_cold_s3_p50_ms": _pct(cold, 0.5), "http_cold_s3_p99_ms": _pct(cold, 0.99),
             "http_warm_p50_ms": _pct(warm, 0.5), "http_warm_p99_ms": _pct(warm, 0.99),
             "serve_http_p50_ms": _pct(served_t, 0.5), "in_process_p50_ms": _pct(local, 0.5),
-            "serve_http_over_in_process": _pct(served_t, 0.5) / _pct(local, 0.5), "tokens": ev.completion_tokens,
-            **{f"load_{k}": v for k, v in load.items()}, "in_process_load_tok_s": local_tok_s,
-            "http_load_over_in_process": load["tokens_per_s"] / local_tok_s,
+            "serve_http_over_in_process": _pct(served_t, 0.5) / _pct(local, 0.5),
+            "serve_http_over_in_process_paired_median": statistics.median(pair),
+            "serve_http_over_in_process_paired_iqr": f"{pair[len(pair) // 4]:.2f}-{pair[3 * len(pair) // 4]:.2f}",
+            "tokens": ev.completion_tokens,
+            **{f"load_{k}": v for k, v in load.items()},
+            "in_process_load_tok_s": statistics.median(lo for _, lo in rounds),
+            "http_load_over_in_process": statistics.median(ratios),
+            "http_load_over_in_process_spread": f"{ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} rounds",
             **{f"overload_{k}": v for k, v in over.items()}}
 
 
-def _in_process_load(base_dir: Path, folders: list[Path], args) -> float:
-    """Tokens/s of the HTTP load's requests (same prompts, adapters, max_tokens) on the engine in this process."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class _InProcess:
+    """The serving engine in this process with `folders` loaded, for the HTTP part's paired in-process samples."""
 
-    from peftray.bench._serve_load import PROMPT
-    from peftray.serve.engine import GenerationEngine, SamplingParams
+    def __init__(self, model, tok, folders: list[Path], batch: int):
+        from peftray.serve.engine import GenerationEngine
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok,
-                              max_batch_size=args.requests, max_queue=4 * args.requests,
-                              max_adapters=len(folders) + 1)
-    try:
-        slots = [engine.slots.acquire(f"a{i}", f) for i, f in enumerate(folders)]
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
-        jobs = [(tok.encode(PROMPT.format(i=i)), slots[i % len(slots)]) for i in range(args.requests)]
-        _run_engine(engine, jobs[:2], params)  # warm-up
-        seconds, tokens = _run_engine(engine, jobs, params)
-    finally:
-        engine.close()
-    return tokens / seconds
+        self.tok = tok
+        self.engine = GenerationEngine(model, tok, max_batch_size=batch, max_queue=4 * batch,
+                                       max_adapters=len(folders) + 1)
+        self.slots = [self.engine.slots.acquire(f"a{i}", f) for i, f in enumerate(folders)]
+
+    def generate(self, ids, params, i: int):
+        return self.engine.generate(ids, params, self.slots[i])
+
+    def run(self, requests: int, max_tokens: int, warm_up: bool = False) -> float:
+        """Tokens/s of the HTTP load's requests (same prompts, adapters, max_tokens) on this engine."""
+        from peftray.bench._serve_load import PROMPT
+        from peftray.serve.engine import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        jobs = [(self.tok.encode(PROMPT.format(i=i)), self.slots[i % len(self.slots)]) for i in range(requests)]
+        seconds, tokens = _run_engine(self.engine, jobs[:2] if warm_up else jobs, params)
+        return tokens / seconds
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--latency-reps", type=int, default=10)
+    p.add_argument("--load-reps", type=int, default=3,
+                   help="rounds of the HTTP load, each followed by the same load in-process (median ratio)")
     p.add_argument("--quick", action="store_true", help="tiny model only")
     p.add_argument("--no-http", action="store_true", help="skip the part through Ray Serve on the local stack")
+    p.add_argument("--http-only", action="store_true", help="only the part through Ray Serve (tiny model)")
     p.add_argument("--out", default="bench-results/serve.json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU, same for engine and baseline (1 avoids OpenMP spin contention on "
@@ -267,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="peftray-bench-serve-") as tmp:
         root = Path(tmp)
-        models = _models(root, args.quick)
-        rows = [bench_model(name, d, root, args) for name, d in models.items()]
+        models = _models(root, args.quick or args.http_only)
+        rows = [] if args.http_only else [bench_model(name, d, root, args) for name, d in models.items()]
         http = None if args.no_http else bench_http(models["tiny"], root, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["mixed_tok_s", "single_adapter_tok_s", "hf_peft_set_adapter_tok_s", "mixed_over_single",
             "mixed_over_hf_peft", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms",
             "json_schema_over_free_median", "json_schema_over_free_spread"]
-    print(table(["metric", *[r["model"] for r in rows]], [[k, *[f"{r[k]:.2f}" for r in rows]] for k in keys]))
+    if rows:
+        print(table(["metric", *[r["model"] for r in rows]], [[k, *[f"{r[k]:.2f}" for r in rows]] for k in keys]))
     if http:
         print("\nthrough Ray Serve (tiny model, OpenAI route, 8 tokens):")
         print(table(["metric", "value"], [[k, f"{v:.2f}" if isinstance(v, float) else str(v)]
