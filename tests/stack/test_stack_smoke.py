@@ -129,3 +129,21 @@ def test_secrets_in_the_state_folder_are_private(stack, mode):
 
     for name in ("stack.json", "ray_auth_token"):
         assert stat.S_IMODE(os.stat(stack.state_dir / name).st_mode) == mode
+
+
+def test_mlflow_server_runs_no_job_runner(stack):
+    # MLflow 3 starts a GenAI job runner (huey consumers executing jobs on the server) unless told not to; the
+    # stack turns it off. Checked on the live process tree, not on the environment we meant to pass.
+    from peftray import stack as local_stack
+    from peftray.stack import procs
+
+    st = local_stack.status(stack.state_dir)
+    tree = procs.tree(procs.process_of(st.procs["mlflow"]))
+    cmds = []
+    for proc in tree:
+        try:
+            cmds.append(" ".join(proc.cmdline()))
+        except psutil.Error:
+            continue
+    assert any("uvicorn" in c or "mlflow" in c for c in cmds), cmds  # the tree was really read
+    assert not [c for c in cmds if "huey" in c or "_job_runner" in c], cmds
