@@ -11,7 +11,9 @@ in the replica (every slot pinned, 503), with Retry-After; a dead replica's requ
 one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica,
 also one whose engine stalls (its health check fails after `stall_timeout_s` without a step).
 A `task: text_to_image` spec runs ImageEngine replicas (`peftray.serve.image_replica`: a diffusers pipeline, UNet
-adapters in the same slots) behind the same ingress, resolver and admission.
+adapters in the same slots), and `task: seq_cls | image_cls` ClassifierEngine replicas
+(`peftray.serve.classify_replica`: a transformers classifier, `/v1/classify`), behind the same ingress, resolver
+and admission.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from peftray.errors import PeftrayError
 from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
 from peftray.serve.replica import REPLICA_OPTIONS, EngineReplica, keep_replica_grpc_on_loopback
-from peftray.serve.serve_spec import ServeConfig, replica_placement
+from peftray.serve.serve_spec import CLASSIFY_TASKS, ServeConfig, replica_placement
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
@@ -280,6 +282,10 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
         from peftray.serve.image_replica import ImageEngine
 
         engine = ImageEngine.options(**engine_opts).bind(public)
+    elif spec.task in CLASSIFY_TASKS:
+        from peftray.serve.classify_replica import ClassifierEngine
+
+        engine = ClassifierEngine.options(**engine_opts).bind(public)
     else:
         engine = AdapterEngine.options(**engine_opts).bind(public)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(
