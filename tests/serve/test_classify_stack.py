@@ -1,10 +1,11 @@
 """The deployed seq_cls and image_cls Serve apps on the session stack: registered adapters, requested at once by
-alias, version and the base, get HF PEFT's (or the trained adapter's own) probabilities; an adapter of the other
-task and the text routes are refused naming `model`."""
+alias, version and the base, get HF PEFT's (or the trained adapter's own) probabilities; a promotion reaches
+serving without a restart; an adapter of the other task and the text routes are refused naming `model`."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 import uuid
 
 import httpx
@@ -59,7 +60,8 @@ def _registered_app(adapters: dict, alias: str, wrong: tuple, **fields):
     return deploy(spec, wait_s=240), spec
 
 
-def test_seq_cls_app_serves_registered_adapters_batched(stack, ray_session, minilm_model, tiny_vit, tmp_path):
+def test_seq_cls_app_serves_registered_adapters_batched_and_follows_a_promotion(stack, ray_session, minilm_model, tiny_vit, tmp_path):
+    from peftray.registry import promote, register_adapter
     from peftray.serve import down
 
     tag = uuid.uuid4().hex[:6]
@@ -82,6 +84,15 @@ def test_seq_cls_app_serves_registered_adapters_batched(stack, ray_session, mini
         assert completions.status_code == 400 and completions.json()["error"]["param"] == "model"
         metrics = httpx.get(f"{dep.url}/metrics", headers={"Authorization": f"Bearer {dep.api_key}"}).text
         assert f'peftray_requests_total{{model="{names[1]}/1",status="200"}} 1.0' in metrics
+        # a promotion reaches serving without a restart: version 2 of the first name has the second's weights
+        register_adapter(folders[1], names[0], metrics={"eval_loss": 1.0})
+        promote(names[0], 2, "production")
+        second = _probs(answers[1]["data"], LABELS)
+        deadline = time.monotonic() + 120  # alias_poll_s is 2 s; the bound only stops a broken poll
+        while not torch.allclose(_probs(_at_once(dep, [f"{names[0]}@production"], TEXTS)[0]["data"], LABELS),
+                                 second, atol=1e-5):
+            assert time.monotonic() < deadline, "the promotion did not reach serving"
+            time.sleep(0.5)
     finally:
         down(spec.name)
 
