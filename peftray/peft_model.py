@@ -24,7 +24,7 @@ from peftray.ops.loss import causal_lm_loss
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
 from peftray.tuners.layers import upcast_adapter_weights
-from peftray.tuners.lora.mixed import build_mixed_batch, mixed_batch
+from peftray.tuners.mixed import build_mixed_batch, mixed_batch
 from peftray.tuners.methods import get_method
 from peftray.tuners.tuner import BaseTuner, wrap_modules_to_save
 

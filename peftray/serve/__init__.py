@@ -3,6 +3,7 @@
     deploy("serve.yaml") -> Deployment(url, api_key)   status() -> {app: {...}}   down(name)
     GenerationEngine(model, tokenizer, ...)            the continuous-batching engine (no Ray needed)
     DiffusionEngine(pipeline, ...)                     the text-to-image engine: one UNet call per step (no Ray)
+    ClassificationEngine(model, processor, task=...)   the seq_cls / image_cls engine behind /v1/classify (no Ray)
 
 Importing this package starts nothing; Ray is imported when a function that needs it runs.
 """
@@ -14,7 +15,7 @@ _LAZY = {
     "Deployment": "peftray.serve.lifecycle", "deploy": "peftray.serve.lifecycle", "status": "peftray.serve.lifecycle",
     "down": "peftray.serve.lifecycle", "GenerationEngine": "peftray.serve.engine", "SamplingParams": "peftray.serve.engine",
     "ModelResolver": "peftray.serve.watch", "DiffusionEngine": "peftray.serve.diffusion",
-    "ImageParams": "peftray.serve.diffusion",
+    "ImageParams": "peftray.serve.diffusion", "ClassificationEngine": "peftray.serve.classify",
 }
 
 

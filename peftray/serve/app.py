@@ -11,7 +11,9 @@ in the replica (every slot pinned, 503), with Retry-After; a dead replica's requ
 one when they had not produced output yet, else they fail with 503. Serve's controller replaces the replica,
 also one whose engine stalls (its health check fails after `stall_timeout_s` without a step).
 A `task: text_to_image` spec runs ImageEngine replicas (`peftray.serve.image_replica`: a diffusers pipeline, UNet
-adapters in the same slots) behind the same ingress, resolver and admission.
+adapters in the same slots), and `task: seq_cls | image_cls` ClassifierEngine replicas
+(`peftray.serve.classify_replica`: a transformers classifier, `/v1/classify`), behind the same ingress, resolver
+and admission.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from peftray.endpoints import without_secrets
 from peftray.errors import PeftrayError
 from peftray.serve.metrics import ServeMetrics
 from peftray.serve.openai_api import make_app
-from peftray.serve.replica import adapter_fetcher, keep_replica_grpc_on_loopback
-from peftray.serve.serve_spec import ServeConfig, replica_placement
+from peftray.serve.replica import REPLICA_OPTIONS, EngineReplica, keep_replica_grpc_on_loopback
+from peftray.serve.serve_spec import CLASSIFY_TASKS, ServeConfig, replica_placement
 from peftray.serve.slots import OverloadedError
 from peftray.serve.watch import ModelResolver, Target
 
@@ -47,16 +49,18 @@ def _error_event(exc: BaseException) -> dict:
     return {"error": {"status": status, "message": msg, "code": getattr(exc, "code", "internal_error")}}
 
 
-@serve.deployment(name="AdapterEngine", health_check_period_s=2, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=5)
-class AdapterEngine:
-    """One replica: the base model once, adapters in LRU slots, a continuous-batching engine."""
+@serve.deployment(name="AdapterEngine", **REPLICA_OPTIONS)
+class AdapterEngine(EngineReplica):
+    """One replica: the base model once, adapters in LRU slots, a continuous-batching engine (counters, health and
+    shutdown are `EngineReplica`'s)."""
 
-    def __init__(self, spec: dict) -> None:
-        keep_replica_grpc_on_loopback()
-        self.spec = ServeConfig.model_validate(spec)
-        self.engine, self.tokenizer = load_engine(self.spec)
-        self._adapter_path = adapter_fetcher(self.spec.max_adapters_per_replica)
+    @staticmethod
+    def load_engine(spec: ServeConfig):
+        return load_engine(spec)[0]  # the module's function: (engine, tokenizer)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
     async def generate(self, key: Optional[str], job: dict) -> AsyncIterator[dict]:
         """Run one job (prompt or chat messages + sampling params); yields event dicts, errors as events."""
@@ -138,27 +142,10 @@ class AdapterEngine:
             return [int(t) for t in prompt]
         return tok.encode(prompt)
 
-    def _counters(self) -> dict:
-        e = self.engine
-        return {"running": e.running, "queued": e.queued, "loads": e.slots.loads, "evictions": e.slots.evictions,
-                "load_seconds": e.slots.load_seconds, "loaded": len(e.loaded_adapters()), "pid": os.getpid()}
-
     async def stats(self) -> dict:
         e = self.engine
         return {**self._counters(), "adapters": e.loaded_adapters(), "steps": e.steps, "tokens": e.tokens,
                 "rss_mb": _rss_mb()}
-
-    def check_health(self) -> None:
-        if not self.engine._thread.is_alive():
-            raise RuntimeError("the engine thread stopped")
-        stalled = self.engine.stalled_for()
-        if stalled > self.spec.stall_timeout_s:  # Serve replaces an unhealthy replica
-            raise RuntimeError(f"the engine has had requests but finished no step for {stalled:.0f} s")
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
 
 
 def _rss_mb() -> float:
@@ -295,6 +282,10 @@ def build_app(spec: ServeConfig, env: dict[str, str], api_key: Optional[str]):
         from peftray.serve.image_replica import ImageEngine
 
         engine = ImageEngine.options(**engine_opts).bind(public)
+    elif spec.task in CLASSIFY_TASKS:
+        from peftray.serve.classify_replica import ClassifierEngine
+
+        engine = ClassifierEngine.options(**engine_opts).bind(public)
     else:
         engine = AdapterEngine.options(**engine_opts).bind(public)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(

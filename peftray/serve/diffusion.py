@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from peftray.errors import AdapterFormatError, ConfigError
+from peftray.serve.engine_queue import EngineQueue
 from peftray.serve.slots import AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_modules
 from peftray.serve.watch import field_error
 
@@ -72,7 +73,7 @@ class _Group:
         return self.adapter.internal if self.adapter is not None else BASE
 
 
-class DiffusionEngine(LoraHost):
+class DiffusionEngine(EngineQueue, LoraHost):
     """Batched denoising over a diffusers Stable Diffusion pipeline with UNet LoRA adapters in slots.
 
     Args:
@@ -168,15 +169,7 @@ class DiffusionEngine(LoraHost):
             raise field_error("n", f"`n`={params.n} needs {group.rows} rows (two per image with guidance_scale > 1) "
                                    f"but this deployment's max_batch_size is {self.max_batch_size}; ask for fewer "
                                    "images.")
-        with self._cv:
-            if self._closed:
-                raise OverloadedError("the engine is shutting down; retry on another replica.")
-            if len(self._pending) >= self.max_queue:
-                raise OverloadedError(f"{len(self._pending)} requests already wait for this replica "
-                                      f"(max_queued {self.max_queue}); retry after a moment.")
-            self._pending.append(group)
-            self._cv.notify()
-        return group
+        return self._enqueue(group)
 
     def cancel(self, group: _Group) -> None:
         group.cancelled = True
@@ -187,38 +180,10 @@ class DiffusionEngine(LoraHost):
 
     def generate_many(self, requests: list[tuple[ImageParams, Optional[LoadedAdapter]]]) -> list[np.ndarray]:
         """Blocking helper: submit every request at once (so they share batches) and wait for all."""
-        done = threading.Event()
-        out: dict[int, tuple] = {}
+        return self._run_all([lambda on_done, p=p, a=a: self.submit(p, a, on_done) for p, a in requests])
 
-        def waiter(i: int):
-            def on_done(images, error) -> None:
-                out[i] = (images, error)
-                if len(out) == len(requests):
-                    done.set()
-            return on_done
-
-        with self._cv:  # queued together: the loop takes them in one go
-            groups = [self.submit(p, a, waiter(i)) for i, (p, a) in enumerate(requests)]
-        done.wait()
-        for images, error in (out[i] for i in range(len(groups))):
-            if error is not None:
-                raise error
-        return [out[i][0] for i in range(len(groups))]
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=10)
-
-    def stalled_for(self) -> float:
-        if not (self._pending or self._groups or self._stepping):
-            return 0.0
-        return max(0.0, time.monotonic() - self.last_step)
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
+    def _in_flight(self) -> bool:
+        return bool(self._groups)
 
     @property
     def running(self) -> int:
@@ -327,19 +292,6 @@ class DiffusionEngine(LoraHost):
                            generator=group.generator)[0]
         self.images += group.params.n
         return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
-
-    def _finish(self, group: _Group, images: Optional[np.ndarray], error: Optional[BaseException]) -> None:
-        if group.done:
-            return
-        group.done = True
-        if group.adapter is not None:
-            self.slots.release(group.adapter)
-        if images is None and error is None:
-            error = OverloadedError("the request was cancelled.")
-        try:
-            group.on_done(images, error)
-        except Exception:  # noqa: BLE001 - a consumer that went away must not stop the loop
-            pass
 
 
 def load_pipeline(path: str, device: str, dtype: torch.dtype):

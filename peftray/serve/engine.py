@@ -19,6 +19,7 @@ import torch
 
 from peftray.errors import ConfigError
 from peftray.serve import kv as kvops
+from peftray.serve.engine_queue import EngineQueue
 from peftray.serve.grammar import GrammarCompiler, RowGrammar
 from peftray.serve.sampling import penalize, token_logprobs
 from peftray.serve.slots import (
@@ -81,7 +82,7 @@ class _Row:
         return self.adapter.kind if self.adapter is not None else "lora"
 
 
-class GenerationEngine(LoraHost):
+class GenerationEngine(EngineQueue, LoraHost):
     """Continuous batching over a causal LM with adapters in slots.
 
     Args:
@@ -155,15 +156,7 @@ class GenerationEngine(LoraHost):
         grammar = self.grammars.matcher(schema, schema_field or "response_format") if schema is not None else None
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         row = _Row(list(prompt_ids), params, adapter, on_event, generator=gen, grammar=grammar)
-        with self._cv:
-            if self._closed:
-                raise OverloadedError("the engine is shutting down; retry on another replica.")
-            if len(self._pending) >= self.max_queue:
-                raise OverloadedError(f"{len(self._pending)} requests already wait for this replica "
-                                      f"(max_queued {self.max_queue}); retry after a moment.")
-            self._pending.append(row)
-            self._cv.notify()
-        return row
+        return self._enqueue(row)
 
     def cancel(self, row: _Row) -> None:
         row.cancelled = True
@@ -190,21 +183,8 @@ class GenerationEngine(LoraHost):
             raise final[0].error
         return final[0]
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=10)
-
-    def stalled_for(self) -> float:
-        """Seconds the loop has had work but finished no step (0 when idle or moving): a hang detector."""
-        if not (self._pending or self._rows or self._stepping):
-            return 0.0
-        return max(0.0, time.monotonic() - self.last_step)
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
+    def _in_flight(self) -> bool:
+        return bool(self._rows)
 
     @property
     def running(self) -> int:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /v1/images/generations,
-errors, SSE streaming.
+/v1/classify, errors, SSE streaming.
 
 The routes are thin: check the key, validate the body (pydantic, unknown fields refused), resolve `model`,
 hand the job to the backend (the Serve ingress sends it to an engine replica) and shape its events into
@@ -23,8 +23,9 @@ from peftray.serve import openai_shape as shape
 from peftray.serve.openai_errors import (  # noqa: F401 - the error helpers stay importable from here
     RequestTimeout, _RemoteError, _with_deadline, error_body, error_response, from_exception, wrong_task,
 )
+from peftray.serve.openai_classify import serve_classify
 from peftray.serve.openai_images import serve_images
-from peftray.serve.openai_schema import ChatRequest, CompletionRequest, ImageRequest, _Common
+from peftray.serve.openai_schema import ChatRequest, ClassifyRequest, CompletionRequest, ImageRequest, _Common
 from peftray.serve.watch import ModelResolver, Target
 
 
@@ -129,6 +130,10 @@ def make_app(get_backend=current_backend) -> FastAPI:
     @app.post("/v1/images/generations")
     async def _images(body: ImageRequest):
         return await serve_images(get_backend(), body)
+
+    @app.post("/v1/classify")
+    async def _classify(body: ClassifyRequest):
+        return await serve_classify(get_backend(), body)
 
     return app
 

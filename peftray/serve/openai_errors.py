@@ -82,11 +82,46 @@ class _RemoteError(PeftrayError):
         self.retry_after_s = 1 if status in (429, 503) else None
 
 
-def wrong_task(backend, model: str, want: str, route: str) -> Optional[JSONResponse]:
-    """A 400 naming `model` when this deployment's task is not the one `route` needs."""
+def wrong_task(backend, model: str, want: str | tuple[str, ...], route: str) -> Optional[JSONResponse]:
+    """A 400 naming `model` when this deployment's task is not (one of) those `route` needs."""
     spec = backend.resolver.spec
-    if spec.task == want:
+    wanted = (want,) if isinstance(want, str) else tuple(want)
+    if spec.task in wanted:
         return None
+    need = " or ".join(wanted)
     return error_response(400, f"`model` {model!r}: this deployment serves {spec.served_model_id!r} for {spec.task}; "
-                               f"{route} needs a {want} deployment (task: {want} in its serve spec).",
+                               f"{route} needs a {need} deployment (task: {wanted[0]} in its serve spec).",
                           "model_not_supported", "model")
+
+
+def counted(backend, label: str, response: Optional[JSONResponse]):
+    """`response` (None: a 200), counted in the backend's metrics by model and status."""
+    metrics = getattr(backend, "metrics", None)
+    if metrics is not None:
+        metrics.finished(label, response.status_code if response is not None else 200)
+    return response
+
+
+async def one_answer(backend, model: str, tasks: str | tuple[str, ...], route: str, job: dict):
+    """Run a single-answer job (images, classification) for `model`: (model label, the engine's last event), or
+    the OpenAI error (a JSONResponse) when the task is wrong, `model` does not resolve or the job fails. Either
+    way the request is counted, and the engine's counters that ride on its answer reach the metrics."""
+    refused = wrong_task(backend, model, tasks, route)
+    if refused is not None:
+        return counted(backend, "unresolved", refused)
+    try:
+        target = await backend.call(backend.resolver.resolve, model)
+    except Exception as exc:  # noqa: BLE001
+        return counted(backend, "unresolved", from_exception(exc, param="model"))
+    label = target.key or "base"
+    last: dict = {}
+    try:
+        async for ev in _with_deadline(backend.run(target, job), backend.request_timeout_s):
+            last = ev
+    except Exception as exc:  # noqa: BLE001
+        return counted(backend, label, from_exception(exc))
+    metrics = getattr(backend, "metrics", None)
+    if metrics is not None and last.get("engine"):
+        metrics.engine_stats(last["engine"])
+    counted(backend, label, None)
+    return label, last

@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import time
 
-from peftray.serve.openai_errors import _with_deadline, error_response, from_exception, wrong_task
+from fastapi.responses import JSONResponse
+
+from peftray.serve.openai_errors import counted, error_response, one_answer
 from peftray.serve.openai_schema import ImageRequest
 
 
 async def serve_images(backend, body: ImageRequest):
-    metrics = getattr(backend, "metrics", None)
-
-    def counted(label: str, response):
-        if metrics is not None:
-            metrics.finished(label, response.status_code if response is not None else 200)
-        return response
-
     if body.response_format == "url":
-        return counted("unresolved", error_response(
+        return counted(backend, "unresolved", error_response(
             400, '`response_format` "url" is not supported: this server stores no images. Use "b64_json".',
             "invalid_request", "response_format"))
-    refused = wrong_task(backend, body.model, "text_to_image", "/v1/images/generations")
-    if refused is not None:
-        return counted("unresolved", refused)
-    try:
-        target = await backend.call(backend.resolver.resolve, body.model)
-    except Exception as exc:  # noqa: BLE001
-        return counted("unresolved", from_exception(exc, param="model"))
-    label = target.key or "base"
-    last: dict = {}
-    try:
-        async for ev in _with_deadline(backend.run(target, {"image": body.params()}), backend.request_timeout_s):
-            last = ev
-    except Exception as exc:  # noqa: BLE001
-        return counted(label, from_exception(exc))
-    if metrics is not None and last.get("engine"):
-        metrics.engine_stats(last["engine"])
-    counted(label, None)
+    out = await one_answer(backend, body.model, "text_to_image", "/v1/images/generations", {"image": body.params()})
+    if isinstance(out, JSONResponse):
+        return out
+    _, last = out
     return {"created": int(time.time()),
             "data": [{"b64_json": png, "revised_prompt": None} for png in last.get("images", [])]}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -210,3 +210,22 @@ class ImageRequest(_Strict):
         """The engine's ImageParams fields (size still as text: the replica checks it against its pipeline)."""
         return {"prompt": self.prompt, "n": self.n, "size": self.size, "steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "seed": self.seed}
+
+
+class ClassifyRequest(_Strict):
+    """`POST /v1/classify`: texts on a seq_cls deployment, base64 images (or data: URIs) on an image_cls one."""
+
+    model: str = Field(..., min_length=1)
+    input: Union[str, list[str]] = Field(..., description="a text or image, or a list of them (one result each)")
+    top_k: Optional[int] = Field(None, ge=1, description="labels per input in `scores`, best first (default: all)")
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("`input` is an empty list; send at least one text or image")
+        return value
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

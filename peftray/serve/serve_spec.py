@@ -2,7 +2,7 @@
 
     name: tiny                      # Serve application name (also the route prefix's owner)
     base_model: ./models/tiny-llama # folder or hub id; adapters must have been trained on it
-    task: causal_lm                 # or text_to_image: base_model is a diffusers pipeline folder
+    task: causal_lm                 # or text_to_image (a diffusers pipeline folder), seq_cls, image_cls (/v1/classify)
     adapters: ["*"]                 # what it may serve: "*", "name", "name@alias", "name/3"
     max_adapters_per_replica: 8     # adapter slots (LRU)
     max_batch_size: 16              # rows per forward pass
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from peftray.errors import ConfigError
 from peftray.jobspec.load import pin_local_path
+
+CLASSIFY_TASKS = ("seq_cls", "image_cls")  # the tasks served at POST /v1/classify
 
 
 class Autoscaling(BaseModel):
@@ -36,12 +38,16 @@ class ServeConfig(BaseModel):
 
     name: str = Field("peftray", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", description="Serve application name")
     base_model: str = Field(..., min_length=1, description="base model folder or hub id, loaded once per replica")
-    task: Literal["causal_lm", "text_to_image"] = Field(
+    task: Literal["causal_lm", "text_to_image", "seq_cls", "image_cls"] = Field(
         "causal_lm", description="causal_lm: /v1/completions and /v1/chat/completions on a transformers model; "
                                  "text_to_image: /v1/images/generations on a diffusers Stable Diffusion pipeline "
-                                 "folder")
+                                 "folder; seq_cls (text) and image_cls (images): /v1/classify on a transformers "
+                                 "classifier")
     image_sizes: Optional[list[str]] = Field(None, description='text_to_image: the "WxH" sizes requests may ask for '
                                                                "(default: the pipeline's native size)")
+    labels: Optional[list[str]] = Field(None, min_length=2, description="seq_cls / image_cls: class names in id "
+                                        "order, for a base whose config does not name them (its id2label); the "
+                                        "base's head is sized to them, as training does (default: the config's)")
     model_id: Optional[str] = Field(None, description="the base model's name in the API (default: base_model)")
     adapters: list[str] = Field(["*"], description='"*" (any adapter trained on base_model), "name", "name@alias", '
                                                    'or "name/3"')
@@ -70,6 +76,11 @@ class ServeConfig(BaseModel):
             raise ValueError('adapters must list at least one entry; use ["*"] to serve every adapter of base_model')
         if self.image_sizes is not None and self.task != "text_to_image":
             raise ValueError("image_sizes is a text_to_image field; remove it or set task: text_to_image")
+        if self.labels is not None and self.task not in CLASSIFY_TASKS:
+            raise ValueError(f"labels is a seq_cls / image_cls field; remove it or set task to one of those "
+                             f"(task is {self.task})")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct class names, got {self.labels}")
         if self.autoscaling and self.autoscaling.max_replicas < self.autoscaling.min_replicas:
             raise ValueError(f"autoscaling.max_replicas ({self.autoscaling.max_replicas}) must be >= "
                              f"autoscaling.min_replicas ({self.autoscaling.min_replicas})")

@@ -55,15 +55,32 @@ def field_error(param: str, message: str) -> ConfigError:
     return err
 
 
+_TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}  # PEFT task_type -> the serve spec's task
+
+
 def adapter_task(av) -> Optional[str]:
-    """`text_to_image` for a UNet adapter (it carries diffusers' weights file), `causal_lm` for one saved with a
-    text task type, None when the version does not say (the engine then checks the tensors against its model)."""
+    """The serve task an adapter version is for: `text_to_image` for a UNet adapter (it carries diffusers'
+    weights file), `causal_lm` / `seq_cls` by its PEFT task type (another task type by its own name, which no
+    deployment serves), `image_cls` for one without a task type whose config saves a `classifier` (as image_cls
+    training writes it); None when the version does not say (the engine then checks the tensors against its
+    model)."""
+    import json
+
     from peftray.adapters.diffusers_lora import DIFFUSERS_WEIGHTS_NAME
-    from peftray.registry.types import TAG_TASK_TYPE
+    from peftray.registry.types import TAG_ADAPTER_CONFIG, TAG_TASK_TYPE
 
     if DIFFUSERS_WEIGHTS_NAME in (av.files or {}):
         return "text_to_image"
-    return "causal_lm" if (av.tags or {}).get(TAG_TASK_TYPE) else None
+    tags = av.tags or {}
+    task_type = tags.get(TAG_TASK_TYPE)
+    if task_type:
+        return _TASK_TYPES.get(task_type, task_type.lower())
+    try:
+        config = json.loads(tags.get(TAG_ADAPTER_CONFIG) or "{}")
+    except ValueError:
+        return None
+    saved = config.get("modules_to_save") if isinstance(config, dict) else None
+    return "image_cls" if "classifier" in (saved or []) else None
 
 
 class ModelResolver:

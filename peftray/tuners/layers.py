@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peftray.errors import AdapterFormatError
+from peftray.tuners.mixed import current_mixed_batch
 
 
 class AdapterLayer(nn.Module):
@@ -222,7 +223,26 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        mixed = current_mixed_batch()
+        if mixed is not None and not self.disabled and args and torch.is_tensor(args[0]):
+            return self._mixed_forward(mixed, args[0], *args[1:], **kwargs)
         return self.current()(*args, **kwargs)
+
+    def _mixed_forward(self, mixed, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row through its own adapter's copy (rows of the base model, or of an adapter without a copy
+        here, through the original module): one call per adapter present in the batch, as HF PEFT does."""
+        if x.shape[0] != mixed.indices.shape[0]:
+            raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
+        out = None
+        for slot in mixed.indices.unique().tolist():
+            name = mixed.order[slot] if slot >= 0 else None
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            rows = (mixed.indices == slot).nonzero().flatten()
+            y = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
 
     def __getattr__(self, name: str):
         try:

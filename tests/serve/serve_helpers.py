@@ -126,3 +126,28 @@ def reference_steps(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[i
             out.append(token)
             seq.append(token)
     return out, logps
+
+
+class InProcessBackend:
+    """What OpenAIIngress gives the routes, minus Ray: the replica class (constructed without Serve) called
+    directly, streamed or not; the in-process route tests put the real FastAPI app in front of it."""
+
+    def __init__(self, replica, spec, api_key: str, request_timeout_s: float = 120.0) -> None:
+        from peftray.serve.metrics import ServeMetrics
+        from peftray.serve.watch import ModelResolver
+
+        self.replica, self.resolver, self.api_key = replica, ModelResolver(spec), api_key
+        self.default_max_tokens, self.request_timeout_s, self.metrics = 16, request_timeout_s, ServeMetrics()
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+    async def run(self, target, job):
+        if job.get("stream"):
+            async for ev in self.replica.generate(target.key, job):
+                yield ev
+        else:
+            yield await self.replica.generate_all(target.key, job)
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()

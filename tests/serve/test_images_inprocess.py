@@ -15,25 +15,9 @@ import pytest
 from PIL import Image
 
 from image_helpers import PROMPT, diffusers_images
+from serve_helpers import InProcessBackend
 
 KEY = "images-key"
-
-
-class _Backend:
-    """What OpenAIIngress gives the routes, minus Ray: the replica class called directly."""
-
-    def __init__(self, replica, spec) -> None:
-        from peftray.serve.metrics import ServeMetrics
-        from peftray.serve.watch import ModelResolver
-
-        self.replica, self.resolver, self.api_key = replica, ModelResolver(spec), KEY
-        self.default_max_tokens, self.request_timeout_s, self.metrics = 16, 120.0, ServeMetrics()
-
-    async def call(self, fn, *args):
-        return fn(*args)
-
-    async def run(self, target, job):
-        yield await self.replica.generate_all(target.key, job)
 
 
 def _client_run(app, fn):
@@ -56,7 +40,7 @@ def image_app(tiny_sd):
                        adapters=["sd-only"], torch_threads=1, api_key=KEY)
     replica = ImageEngine.func_or_class(spec.model_dump())
     try:
-        yield openai_api.make_app(lambda: _Backend(replica, spec))
+        yield openai_api.make_app(lambda: InProcessBackend(replica, spec, KEY))
     finally:
         replica.engine.close()
 
@@ -118,7 +102,7 @@ def test_text_routes_and_image_route_refuse_the_other_task(image_app, tiny_model
     from peftray.serve.serve_spec import ServeConfig
 
     text_spec = ServeConfig(name="txt", base_model=str(tiny_model), model_id="tiny", api_key=KEY)
-    text_app = openai_api.make_app(lambda: _Backend(None, text_spec))
+    text_app = openai_api.make_app(lambda: InProcessBackend(None, text_spec, KEY))
 
     async def on_images(c):
         with pytest.raises(openai.BadRequestError) as info:

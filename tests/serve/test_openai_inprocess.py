@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from serve_helpers import reference_steps
+from serve_helpers import InProcessBackend, reference_steps
 
 KEY = "inprocess-key"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "n"],
@@ -21,30 +21,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
     "properties": {"city": {"type": "string", "maxLength": 8}}}}}
-
-
-class _Backend:
-    """What OpenAIIngress gives the routes, minus Ray: the replica class called directly."""
-
-    def __init__(self, replica, spec) -> None:
-        from peftray.serve.metrics import ServeMetrics
-        from peftray.serve.watch import ModelResolver
-
-        self.replica, self.resolver, self.api_key = replica, ModelResolver(spec), KEY
-        self.default_max_tokens, self.request_timeout_s, self.metrics = 16, 120.0, ServeMetrics()
-
-    async def call(self, fn, *args):
-        return fn(*args)
-
-    async def run(self, target, job):
-        if job.get("stream"):
-            async for ev in self.replica.generate(target.key, job):
-                yield ev
-        else:
-            yield await self.replica.generate_all(target.key, job)
-
-    async def metrics_text(self) -> bytes:
-        return self.metrics.render()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +31,7 @@ def api(tiny_model):
 
     spec = ServeConfig(name="inproc", base_model=str(tiny_model), model_id="tiny", torch_threads=1, api_key=KEY)
     replica = AdapterEngine.func_or_class(spec.model_dump())
-    backend = _Backend(replica, spec)
+    backend = InProcessBackend(replica, spec, KEY)
     app = openai_api.make_app(lambda: backend)
     try:
         yield app, replica.tokenizer, tiny_model

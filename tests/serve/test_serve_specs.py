@@ -14,7 +14,8 @@ SPECS = sorted((Path(__file__).parents[2] / "jobs").glob("serve-*.yaml"))
 
 
 def test_the_shipped_serve_specs_are_found():
-    assert {p.name for p in SPECS} >= {"serve-demo.yaml", "serve-tiny.yaml", "serve-tiny-sd.yaml"}
+    assert {p.name for p in SPECS} >= {"serve-demo.yaml", "serve-tiny.yaml", "serve-tiny-sd.yaml", "serve-minilm.yaml",
+                                       "serve-tiny-vit.yaml"}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -24,6 +25,8 @@ def test_serve_spec_validates(path):
     assert spec.base_model and spec.served_model_id
     if spec.task == "text_to_image":
         assert spec.image_sizes  # the sizes a request may ask for
+    if spec.labels is not None:
+        assert spec.task in ("seq_cls", "image_cls")  # the classes of a base whose config names none
 
 
 def test_a_job_spec_is_not_a_serve_spec():

@@ -9,7 +9,7 @@ import torch
 
 import peftray
 import peftray.ops  # noqa: F401 - the mixed-batch kernels; a hard import, as above
-from tuner_helpers import llama_inputs, logits
+from tuner_helpers import llama_inputs, logits, minilm_inputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -95,6 +95,40 @@ def test_mixed_adapter_batch_matches_single_adapters_and_peft(llama, tmp_path):
     ours.train()
     with pytest.raises(ValueError, match="training mode"):
         ours(input_ids=ids, adapter_names=names)
+
+
+def test_mixed_batch_gives_each_row_its_own_adapters_classifier_head_as_peft(minilm, tmp_path):
+    """SEQ_CLS adapters save their head (`modules_to_save`); in a mixed batch each row uses its own adapter's copy
+    of it, the base rows the original head."""
+    inputs = minilm_inputs()
+    ids, mask = torch.cat([inputs["input_ids"]] * 2), torch.cat([inputs["attention_mask"]] * 2)
+    names = ["b", "a", "__base__", "b"]
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        model = peftray.get_peft_model(minilm(), peftray.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=[
+            "query", "value"], init_lora_weights=False))
+        with torch.no_grad():
+            for p in model.base_model.model.classifier.modules_to_save["default"].parameters():
+                p.normal_(0, 1.0)  # a trained head differs from the base's
+        model.save_pretrained(tmp_path / name)
+    ours = peftray.PeftModel.from_pretrained(minilm(), tmp_path / "a", adapter_name="a")
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    ref = peft.PeftModel.from_pretrained(minilm(), tmp_path / "a", adapter_name="a")
+    ref.load_adapter(tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        torch.testing.assert_close(mixed, ref(input_ids=ids, attention_mask=mask, adapter_names=names).logits,
+                                   atol=1e-5, rtol=1e-5)
+        for row, name in enumerate(names):
+            one = {"input_ids": ids[row:row + 1], "attention_mask": mask[row:row + 1]}
+            if name == "__base__":
+                with ours.disable_adapter():
+                    single = ours(**one).logits
+            else:
+                ours.set_adapter(name)
+                single = ours(**one).logits
+            torch.testing.assert_close(mixed[row:row + 1], single, atol=1e-5, rtol=1e-5)
+    assert (mixed[1] - mixed[3]).abs().max() > 0.1  # the same text under two adapters (and heads)
 
 
 def test_mixed_batch_follows_weight_changes(llama):

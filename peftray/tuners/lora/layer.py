@@ -18,7 +18,7 @@ from peftray.errors import ConfigError
 from peftray.ops.precision import autocast_dtype, autocast_off
 from peftray.tuners.layers import AdapterLayer, base_weight, in_out_features
 from peftray.tuners.lora.function import lora_linear
-from peftray.tuners.lora.mixed import MixedBatch, current_mixed_batch
+from peftray.tuners.mixed import MixedBatch, current_mixed_batch
 
 
 class DoraMagnitude(nn.Module):

@@ -1,8 +1,9 @@
-"""Mixed-adapter batches: which LoRA adapter each row of the batch uses, set once per forward/generate call.
+"""Mixed-adapter batches: which adapter each row of the batch uses, set once per forward/generate call.
 
 `PeftModel` enters `mixed_batch(...)` around the model call; every LoRA layer reads the same `MixedBatch`
-(the row plan is built once and shared, not rebuilt per layer). A context variable keeps concurrent calls
-(threads, asyncio tasks) apart.
+(the row plan is built once and shared, not rebuilt per layer), and so does every `modules_to_save` wrapper
+(a classifier head per adapter: each row goes through its own adapter's copy). A context variable keeps
+concurrent calls (threads, asyncio tasks) apart.
 """
 
 from __future__ import annotations
