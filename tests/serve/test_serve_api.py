@@ -111,12 +111,12 @@ def test_streaming_and_chat_with_the_openai_client(served):
     assert parts[-1].usage.prompt_tokens == len(ids)
 
 
-def _post(dep, body, key="default", raw=None):
+def _post(dep, body, key="default", raw=None, timeout: float = 60):
     headers = {} if key is None else {"Authorization": f"Bearer {dep.api_key if key == 'default' else key}"}
     if raw is not None:
         headers["Content-Type"] = "application/json"
-        return httpx.post(dep.url + "/v1/completions", content=raw, headers=headers, timeout=60)
-    return httpx.post(dep.url + "/v1/completions", json=body, headers=headers, timeout=60)
+        return httpx.post(dep.url + "/v1/completions", content=raw, headers=headers, timeout=timeout)
+    return httpx.post(dep.url + "/v1/completions", json=body, headers=headers, timeout=timeout)
 
 
 def test_bad_input_gets_openai_errors(served):
@@ -149,11 +149,12 @@ def test_bad_input_gets_openai_errors(served):
         _complete(_client(dep), "nope@production")
 
 
-def _burst(dep, model: str, n: int, max_tokens: int = 24):
+def _burst(dep, model: str, n: int, max_tokens: int = 24, timeout: float = 60):
     def one(_):
         start = time.monotonic()
         try:
-            r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+            r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0},
+                      timeout=timeout)
             return r.status_code, time.monotonic() - start, r
         except httpx.HTTPError as exc:
             return type(exc).__name__, time.monotonic() - start, None
@@ -199,17 +200,27 @@ def test_killed_replica_under_load_no_hang_and_recovers(served):
                if "AdapterEngine" in a["name"] and app in a["name"]]
     assert victims
     with cf.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(_burst, dep, model, 6, 48)
+        # Each request may take minutes while Serve replaces the replica on a machine with load average 30 (seen
+        # in CI beside other work); a hang is a request with no answer at all, which these bounds still catch.
+        load = pool.submit(_burst, dep, model, 6, 48, 300)
         time.sleep(0.5)
         ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
-        results = load.result(timeout=90)  # nothing hangs
-    assert {c for c, _, _ in results} <= {200, 429, 503}, [c for c, _, _ in results]
-    deadline = time.monotonic() + 120
+        results = load.result(timeout=600)  # nothing hangs
+    # Every request is answered: done, refused (429/503 with Retry-After), or cut off at the spec's
+    # request_timeout_s (504) while the only replica's replacement is still loading its model (seen in CI with
+    # load average 30, where that takes longer than this deployment's 30 s deadline).
+    assert {c for c, _, _ in results} <= {200, 429, 503, 504}, [c for c, _, _ in results]
+    deadline = time.monotonic() + 300
     while True:
-        r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0})
-        if r.status_code == 200 and str(serve.status().applications[app].status).endswith("RUNNING"):
+        try:
+            r = _post(dep, {"model": model, "prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0}, timeout=120)
+            seen = r.text
+        except httpx.HTTPError as exc:  # a slow answer while the replacement starts: ask again until the deadline
+            r, seen = None, repr(exc)
+        if r is not None and r.status_code == 200 and str(serve.status().applications[app].status).endswith(
+                "RUNNING"):
             break
-        assert time.monotonic() < deadline, r.text
+        assert time.monotonic() < deadline, seen
         time.sleep(1)
     assert r.json()["choices"][0]["text"] == info["answers"][1]
 
