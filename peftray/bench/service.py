@@ -4,6 +4,11 @@
    Ray Jobs API, trainer) vs. the same entrypoint handed straight to Ray's `JobSubmissionClient`.
 2. API latency p50/p99 under 8 concurrent clients (200 submissions + 200 listings, validation and storage
    only: the service admits nothing) vs. the service's no-op `/healthz` under the same load.
+3. Phases: the same tiny job submitted `--repeats` times, one after another, broken down from the timestamps
+   the job records (driver start, trainer start, model and data load, first step, checkpoint upload,
+   registration, ...); submit -> registered version.
+4. Concurrent: `--concurrent` (8) such jobs submitted at once: wall from the first submit to the last
+   registered version, and the overhead per extra job over one job alone (arm 3's median).
 
 Uses the running local stack (`peftray stack up`), or starts a temporary one. Writes bench-results/service.json.
 """
@@ -25,6 +30,9 @@ import httpx
 
 from peftray.tables import table
 from peftray.endpoints import load_config
+
+
+ARMS = ("api", "first-step", "phases", "concurrent")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -118,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--submissions", type=int, default=200, help="total POSTs under load")
     parser.add_argument("--repeats", type=int, default=2, help="first-step measurements per side (order alternates)")
+    parser.add_argument("--concurrent", type=int, default=8, help="jobs submitted at once in the concurrent arm")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--out", default="bench-results/service.json")
     args = parser.parse_args(argv)
+    args.arms = [a for a in args.arms.split(",") if a]
+    if not set(args.arms) <= set(ARMS):
+        parser.error(f"--arms: unknown {sorted(set(args.arms) - set(ARMS))}; choose from {','.join(ARMS)}")
     with _stack() as cfg, tempfile.TemporaryDirectory(prefix="peftray-bench-service-") as tmp:
         result = _run(cfg, Path(tmp), args)
     out = Path(args.out)
@@ -157,9 +170,37 @@ def _run(cfg, tmp: Path, args) -> dict[str, Any]:
     model = make_tiny_llama(tmp / "tiny-llama")
     data = Path(__file__).resolve().parents[2] / "jobs" / "data" / "tiny_instruct.jsonl"
     spec = _tiny_spec(f"bench-{uuid.uuid4().hex[:6]}", model, data)
-    result = _api_latency(cfg, tmp, spec, args)
-    result.update(_first_step(cfg, tmp, spec, args.repeats))
+    result: dict[str, Any] = {}
+    if "api" in args.arms:
+        result.update(_api_latency(cfg, tmp, spec, args))
+    if "first-step" in args.arms:
+        result.update(_first_step(cfg, tmp, spec, args.repeats))
+    if {"phases", "concurrent"} & set(args.arms):
+        result.update(_phases(cfg, tmp, spec, args))
     return result
+
+
+def _phases(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
+    from peftray.bench import _service_phases as phases
+    from peftray.service.client import ServiceClient
+    from peftray.stack.control_plane import start_service
+
+    n = str(max(1, args.concurrent))
+    svc = start_service(tmp / "phases", {"PEFTRAY_SERVICE_MAX_RUNNING": n, "PEFTRAY_SERVICE_MAX_RUNNING_PER_USER": n,
+                                         "PEFTRAY_SERVICE_POLL_S": "0.2"}, state_dir=cfg.state_dir)
+    out: dict[str, Any] = {}
+    try:
+        with ServiceClient(svc.url, svc.admin_token, timeout=120) as client:
+            if "phases" in args.arms:
+                out["phases"] = phases.sequential(client, spec, args.repeats)
+            if "concurrent" in args.arms:
+                single = out.get("phases", {}).get("submit_to_registered_s")
+                out["concurrent"] = phases.concurrent(client, spec, args.concurrent, single)
+    except RuntimeError as exc:
+        out["phases_error"] = str(exc)[:2000]
+    finally:
+        svc.stop()
+    return out
 
 
 def _api_latency(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
@@ -202,15 +243,37 @@ def _first_step(cfg, tmp: Path, spec: dict[str, Any], repeats: int) -> dict[str,
 
 
 def _print(r: dict[str, Any]) -> None:
+    _print_phases(r)
     if "first_step_s" in r:
         fs = r["first_step_s"]
         print(table(["submit -> first training step", "seconds"], [
             ("through the service", f"{fs['service']:.2f}"),
             ("straight to Ray Jobs (baseline)", f"{fs['direct_ray_jobs']:.2f}"),
             ("ratio service / baseline", f"{fs['ratio']:.2f}")]))
-    else:
+    elif "first_step_error" in r:
         print(f"submit -> first training step: not measured ({r.get('first_step_error')})")
+    if "api_latency" not in r:
+        return
     print()
     rows = [(k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}") for k, v in r["api_latency"].items()]
     print(table([f"API under {r['clients']} clients", "requests", "p50 ms", "p99 ms"], rows))
     print("p50 vs /healthz (baseline): " + ", ".join(f"{k} x{v:.1f}" for k, v in r["ratios_vs_healthz_p50"].items()))
+
+
+def _print_phases(r: dict[str, Any]) -> None:
+    if "phases_error" in r:
+        print(f"phases: not measured ({r['phases_error']})\n")
+    if "phases" in r:
+        p = r["phases"]
+        rows = [(name, f"{s:.2f}") for name, s in p["phases_s"].items()]
+        rows += [("= submit -> registered version", f"{p['submit_to_registered_s']:.2f}"),
+                 ("  submit -> the service shows succeeded", f"{p['submit_to_succeeded_s']:.2f}")]
+        print(table([f"one tiny job, phases (median of {len(p['runs'])})", "seconds"], rows) + "\n")
+    if "concurrent" in r:
+        c = r["concurrent"]
+        rows = [("first submit -> last registered version", f"{c['wall_first_submit_to_last_registered_s']:.2f}"),
+                ("first submit -> last shown succeeded", f"{c['wall_first_submit_to_last_succeeded_s']:.2f}")]
+        if "per_extra_job_s" in c:
+            rows += [("one job alone (phases arm)", f"{c['single_job_s']:.2f}"),
+                     ("overhead per extra job", f"{c['per_extra_job_s']:.2f}")]
+        print(table([f"{c['jobs']} tiny jobs at once", "seconds"], rows) + "\n")

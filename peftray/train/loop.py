@@ -33,6 +33,9 @@ from peftray.train.model import load_base, load_text_to_image, resolve_base, tok
 from peftray.tuners.tasks import TASKS
 from peftray.train.schedule import make_optimizer, make_scheduler
 
+TIMING = "timing/"  # prefix of the phase timestamps in the final report's metrics
+
+
 @dataclass
 class LoopContext:
     """What the loop needs from its runner (Ray Train or a plain process)."""
@@ -46,6 +49,8 @@ class LoopContext:
     artifact: Callable[[Path, str], None] = lambda path, folder: None  # a file into the run's artifacts (rank 0)
     config: Any = None  # peftray Config for s3:// sources
     workdir: Path = field(default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")))
+    # wall-clock time (time.time()) of each phase's end on this worker: the job's per-phase breakdown
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,9 +95,14 @@ def build(spec: JobSpec, ctx: LoopContext) -> Job:
 
 
 def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
-    """Run (or resume) the job on this worker; returns the final metrics (the same on every rank)."""
+    """Run (or resume) the job on this worker; returns the final metrics (the same on every rank).
+
+    The final report also carries `ctx.timings` as `timing/<phase>` keys (wall-clock seconds since the epoch),
+    which the driver takes out of the metrics into the job's result record."""
+    ctx.timings["loop_start"] = time.time()
     job = build(spec, ctx)
     start = _resume(job, ctx)
+    ctx.timings["built"] = time.time()  # model, data, optimizer, and the checkpoint resumed from
     if ctx.rank == 0 and job.data.skipped:
         print(f"peftray: {job.data.skipped.describe(spec.dataset.source)}", flush=True)
         ctx.log(job.data.skipped.counts(), 0)
@@ -102,6 +112,7 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
     seconds = tokens = 0.0  # this attempt's training time and tokens, for the final throughput
     for step in range(start, job.total):
         metrics = train_step(job, ctx, step)
+        ctx.timings.setdefault("first_step", time.time())
         seconds += metrics["step_seconds"]
         tokens += metrics["tokens_per_s"] * metrics["step_seconds"]
         done = step + 1
@@ -116,13 +127,17 @@ def train(spec: JobSpec, ctx: LoopContext) -> dict[str, float]:
         # every step made every step wait ~2 s. Step metrics reach MLflow (ctx.log) and the progress lines.
         if done % t.checkpoint_every == 0 and done < job.total:
             ctx.report({**metrics, "step": float(done)}, _save(job, ctx, done, metrics))
+    ctx.timings["train_end"] = time.time()
     final = {**metrics, **(evaluate(job, ctx) if job.data.eval else {}), "step": float(job.total),
              "total_steps": float(job.total), "train_seconds": seconds,
              "train_tokens_per_s": tokens / seconds if seconds else 0.0}
     ctx.log({k: v for k, v in final.items() if k.startswith("eval_")}, job.total)  # step metrics are logged
     if job.data.eval:
         _samples(job, ctx, job.total)
-    ctx.report(final, _save(job, ctx, job.total, final))
+    ctx.timings["final_eval"] = time.time()
+    folder = _save(job, ctx, job.total, final)
+    ctx.timings["final_saved"] = time.time()
+    ctx.report({**final, **{f"{TIMING}{k}": v for k, v in ctx.timings.items()}}, folder)
     return final
 
 

@@ -8,6 +8,7 @@ final result (its last checkpoint), never by listing the storage folder.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,25 @@ from peftray.data import BatchPlan
 from peftray.errors import GateError, PeftrayError
 from peftray.jobspec import JobSpec, load_spec
 from peftray.train import checkpoint
-from peftray.train.loop import check_precision
+from peftray.train.loop import TIMING, check_precision
 from peftray.train.model import check_quantization, resolve_base, tokenizer_and_data
 from peftray.train.scaling import check_cluster, scaling_config, torch_backend
 from peftray.train.tracking import OPERATOR
+
+
+def _process_start() -> float:
+    """When this process started (wall clock): the job's phases are timed from the driver's start. Linux reads
+    /proc; elsewhere the time this module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+DRIVER_START = _process_start()
 
 
 class TrainingError(PeftrayError, RuntimeError):
@@ -142,25 +158,32 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
     from peftray.registry.client import mlflow_client
     from peftray.registry.owners import check_owner
 
+    marks = {"driver_start": DRIVER_START, "run_job": time.time()}
     spec = spec if isinstance(spec, JobSpec) else load_spec(spec, list(overrides))
     cfg = config or load_config()
     spec = _absolute_paths(spec)
     connect_ray(cfg)
+    marks["ray_connected"] = time.time()
     fingerprint = preflight(spec, cfg)
     if owner is not None:  # fail before training, not after: the name may be someone else's
         check_owner(spec.model_name, owner, is_admin=owner_is_admin, action="register a new version of it",
                     config=cfg)
+    marks["preflight"] = time.time()
     client = mlflow_client(cfg)
     from peftray.train.tracking import close_run, open_run
 
     run_id = open_run(client, spec, fingerprint, job_id, owner)
+    marks["run_opened"] = time.time()
     try:
         result = make_trainer(spec, cfg, run_id, owner=owner).fit()
+        marks["fit_returned"] = time.time()
         out = _register(spec, cfg, run_id, result, fingerprint, (owner, owner_is_admin))
     except BaseException:
         close_run(client, run_id, ok=False)
         raise
     close_run(client, run_id, ok=True)
+    marks["done"] = time.time()
+    out.extra["timings"] = {**marks, **out.extra.get("timings", {})}
     return out
 
 
@@ -171,9 +194,11 @@ def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str,
     if result.error is not None or result.checkpoint is None:
         raise TrainingError(f"job {spec.name} failed: {result.error or 'no final checkpoint was reported'}")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    timings = {k[len(TIMING):]: metrics.pop(k) for k in [k for k in metrics if k.startswith(TIMING)]}
     registry_metrics = {k: v for k, v in metrics.items() if k.startswith("eval_")}
     registry_metrics["train_loss"] = metrics.get("loss", float("nan"))
     registry_metrics = {k: v for k, v in registry_metrics.items() if v == v}  # drop NaN
+    timings["registering"] = time.time()
     with result.checkpoint.as_directory() as folder:
         version = register_adapter(
             Path(folder) / "adapter", spec.model_name, base_model=spec.base_model.path,
@@ -181,7 +206,9 @@ def _register(spec: JobSpec, cfg: Config, run_id: str, result, fingerprint: str,
             tags=_version_tags(spec), dataset_fingerprint=fingerprint, description=spec.description,
             owner=owner[0], owner_is_admin=owner[1], config=cfg)
     out = TrainResult(run_id=run_id, model_name=version.name, version=version.version, metrics=metrics,
-                      adapter_uri=version.tags.get("peftray.s3_uri") or version.source, job_name=spec.name)
+                      adapter_uri=version.tags.get("peftray.s3_uri") or version.source, job_name=spec.name,
+                      extra={"timings": timings})
+    timings["registered"] = time.time()
     _promote(spec, cfg, out)
     return out
 
