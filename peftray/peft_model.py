@@ -305,6 +305,7 @@ class PeftModel(nn.Module):
     def __getstate__(self) -> dict:  # pickle/deepcopy: the per-instance forward is rebuilt, not pickled
         state = dict(self.__dict__)
         state.pop("forward", None)
+        state.pop("_last_mixed", None)  # the last mixed batch's plan (holds the compiled kernel's handle)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -330,7 +331,9 @@ class PeftModel(nn.Module):
             raise ConfigError("`adapter_names` (mixed-adapter batches) is supported for LoRA adapters only.")
         order = tuple(self.peft_config)
         device = next(self.parameters()).device
-        with mixed_batch(build_mixed_batch(list(adapter_names), order, device)):
+        batch = build_mixed_batch(adapter_names, order, device, self.__dict__.get("_last_mixed"))
+        self.__dict__["_last_mixed"] = batch  # a plain attribute: no nn.Module bookkeeping, not in state_dict
+        with mixed_batch(batch):
             yield
 
     @contextlib.contextmanager

@@ -58,6 +58,7 @@ def run_forward(models: MixedModels, seed: int, rows: int, tokens: int, repeats:
            for name, t in times.items()}
     out["ratios"] = {f"{arm}/base": paired_ratio(times[arm], times["base"])
                      for arm in ("peftray_mixed", "peftray_mixed_pytorch", "hf_peft_mixed")}
+    out["ratios"]["hf_peft_mixed/peftray_mixed"] = paired_ratio(times["hf_peft_mixed"], times["peftray_mixed"])
     return out
 
 

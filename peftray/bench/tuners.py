@@ -179,7 +179,8 @@ def render(r: dict) -> str:
                   + [("adapters", n, res) for n, res in r.get("adapters", {}).items()]
                   for arm, q in res["ratios"].items()]
     if ratio_rows:
-        out.append("\nmixed decode 32x1, time ratio to the base model alone (median of paired repeats, IQR):")
+        out.append("\nmixed decode 32x1, time ratio to the base model alone, and HF PEFT's time over peftray's "
+                   "(median of paired repeats, IQR):")
         out.append(table(["section (adapters)", "arm", "median ratio", "IQR"], ratio_rows))
     for label, times in r.get("kernel", {}).items():
         out.append(f"\nkernel, one 512->1376 layer, 16 adapters r=16, {label}:")

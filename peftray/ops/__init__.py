@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from peftray.ops.lora import lora_delta, lora_delta_small_, new_stacked_b, stack_lora_weights
+from peftray.ops.lora import (
+    kernel_rows, lora_delta, lora_delta_small_, new_stacked_b, small_batch_kernel, stack_lora_weights,
+)
 from peftray.ops.plan import RowPlan
 
-__all__ = ["RowPlan", "lora_delta", "lora_delta_small_", "new_stacked_b", "stack_lora_weights"]
+__all__ = ["RowPlan", "kernel_rows", "lora_delta", "lora_delta_small_", "new_stacked_b", "small_batch_kernel",
+           "stack_lora_weights"]

@@ -3,7 +3,7 @@
 A decode step of a mixed batch runs every LoRA projection on a handful of rows. Through `bmm` each projection
 pays ~2 gathers, 2 batched matmuls and a scatter (~6 dispatches of 10-40 µs on CPU); the arithmetic is a few
 microseconds. `_lora_rows.c` does a row's A and B products in one call, over rows sorted by adapter, and adds
-straight into the base output.
+straight into the base output; one call can serve several projections that read the same input (q, k, v).
 
 The C file is compiled on first use with the system C compiler (`cc`, or `$CC`) into the user's cache
 (`$PEFTRAY_CACHE_DIR/kernels`, default `~/.cache/peftray/kernels`), keyed by the source, the compiler and the
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_lora_rows.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_RANK = 256  # the C kernel's per-row scratch (keep in step with MAX_RANK in _lora_rows.c)
+ENTRY = 7  # int64 values per projection in the kernel's table (keep in step with ENTRY in _lora_rows.c)
 _lock = threading.Lock()
 _state: dict = {}
 _switch = {"on": True}
@@ -115,9 +116,9 @@ def _load():
                 try:
                     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so ours links to it
                     lib = ctypes.CDLL(str(_build(cc)))
-                    fn = lib.lora_segments_f32
+                    fn = lib.lora_group_f32
                     p, i = ctypes.c_void_p, ctypes.c_int64
-                    fn.argtypes = [p, i, p, p, p, p, p, p, i, i, i, i, p, i]
+                    fn.argtypes = [p, i, i, p, i, p, p, p, i]
                     fn.restype = None
                 except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
                     log.warning("CPU LoRA kernel unavailable (%s); using the PyTorch path", exc)
@@ -167,6 +168,21 @@ def call(fn, out, x, a, bt, scaling, segments) -> torch.Tensor:
     segments = `RowPlan.kernel_segments(tokens)`."""
     rows, starts, seg_slots = segments
     n_in = x.shape[1]
-    fn(x.data_ptr(), n_in, a.data_ptr(), bt.data_ptr(), scaling.data_ptr(), rows.data_ptr(), starts.data_ptr(),
-       seg_slots.data_ptr(), seg_slots.numel(), a.shape[1], n_in, out.shape[1], out.data_ptr(), out.shape[1])
+    table = (ctypes.c_int64 * ENTRY)(*weights_entry(a, bt, scaling), out.data_ptr(), out.shape[1])
+    fn(x.data_ptr(), n_in, n_in, table, 1, rows.data_ptr(), starts.data_ptr(), seg_slots.data_ptr(),
+       seg_slots.numel())
     return out
+
+
+def weights_entry(a: torch.Tensor, bt: torch.Tensor, scaling: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """One projection's stacked weights as the kernel's table names them (addresses of a [N, r, in], bt [N, r,
+    out] and scaling [N], then r and out): made once per stack, valid while those tensors live."""
+    return a.data_ptr(), bt.data_ptr(), scaling.data_ptr(), a.shape[1], bt.shape[2]
+
+
+def run(fn, x: torch.Tensor, table: list[int], segments: tuple[int, int, int, int]) -> None:
+    """out += the LoRA term for every projection of `table` (ENTRY ints each: a `weights_entry`, then the
+    address of its contiguous float32 output with rows like x's, and that output's row length), all reading x
+    (contiguous float32); segments = `RowPlan.kernel_args(tokens)`. No checks: the caller made them."""
+    n_in = x.shape[-1]
+    fn(x.data_ptr(), n_in, n_in, (ctypes.c_int64 * len(table))(*table), len(table) // ENTRY, *segments)

@@ -123,6 +123,26 @@ def lora_delta_small_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: t
     return True
 
 
+def small_batch_kernel():
+    """The compiled CPU kernel when it may serve the decode-sized layers of the forward about to run: switched
+    on, built, and CPU autocast off (the kernel is float32 only); else None. Asked once per forward, so that
+    each layer pays an attribute read for it (see `kernel_rows`)."""
+    if not cpu_kernel._switch["on"] or torch.is_autocast_enabled("cpu"):
+        return None
+    return cpu_kernel._load()
+
+
+def kernel_rows(x: torch.Tensor, plan: RowPlan) -> Optional[tuple[int, int, int, int]]:
+    """The kernel's row arguments (`RowPlan.kernel_args`) for input x of this batch, or None where the kernel
+    is not the path for x: not a contiguous float32 CPU tensor, or past the kernel's size (then bmm is faster)."""
+    if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not plan.n_active:
+        return None
+    tokens = x.numel() // (x.shape[-1] * plan.batch_size)
+    if plan.n_active * tokens > _KERNEL_MAX_TOKEN_ROWS:
+        return None
+    return plan.kernel_args(tokens)
+
+
 def _used_weights(a, b, scaling, plan: RowPlan, dtype: torch.dtype):
     """The used adapters' A, B and scale: a view when the used slots are contiguous, else one gather."""
     if plan.used_range is not None:

@@ -56,6 +56,7 @@ class RowPlan:
     used_index: torch.Tensor
     _copies: dict = field(default_factory=dict, repr=False)  # device -> the same plan there (see `on`)
     _segments: dict = field(default_factory=dict, repr=False)  # tokens per row -> see kernel_segments
+    _args: dict = field(default_factory=dict, repr=False)  # tokens per row -> see kernel_args
 
     @classmethod
     def from_indices(cls, idx: Union[torch.Tensor, Sequence[int]],
@@ -145,6 +146,15 @@ class RowPlan:
             starts.append(len(rows))
             self._segments[tokens] = tuple(torch.tensor(v, dtype=torch.long) for v in (rows, starts, seg_slots))
         return self._segments[tokens]
+
+    def kernel_args(self, tokens: int) -> tuple[int, int, int, int]:
+        """`kernel_segments(tokens)` as the C kernel takes them: the three tensors' addresses and the number of
+        runs (the tensors stay alive in this plan); looked up by every LoRA layer of a decode step."""
+        args = self._args.get(tokens)
+        if args is None:
+            rows, starts, seg_slots = self.kernel_segments(tokens)
+            args = self._args[tokens] = (rows.data_ptr(), starts.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
+        return args
 
     def to(self, device: Union[str, torch.device]) -> "RowPlan":
         """The same plan with its index tensors on `device`."""

@@ -37,6 +37,11 @@ class AdapterLayer(nn.Module):
         self._saved_base: tuple | None = None  # exact copy of the base weights while merged
         self._generation = 0  # bumped whenever an adapter is added or removed
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda(): cached copies of the adapter weights (LoRA's mixed-batch stacks) are stale
+        self._generation += 1
+        return super()._apply(fn, *args, **kwargs)
+
     # Model code sometimes reads `layer.weight` (e.g. T5 checks wo.weight.dtype): show the base layer's.
     @property
     def weight(self) -> torch.Tensor:

@@ -106,3 +106,21 @@ def test_layer_entry_adds_in_place_or_declines():
         with cpu_kernel.use(False):
             assert not lora_delta_small_(base.clone(), x, a, bt, scaling, plan)
     assert untouched.abs().sum() == 0
+
+
+def test_one_call_serves_projections_that_share_an_input():
+    # q/k/v-like: one x, three stacks of different widths and ranks, three outputs; each equals float64 math
+    x = torch.randn(len(SLOTS), 40, generator=torch.Generator().manual_seed(8))
+    plan = RowPlan.from_indices(SLOTS)
+    table, outs, wants = [], [], []
+    for seed, (n_out, ranks) in enumerate([(72, RANKS), (24, [4, 4, 4, 4]), (24, [1, 2, 3, 5])]):
+        adapters = make_adapters(ranks, 40, n_out, seed=seed)
+        a, b, scaling = stack_lora_weights(adapters)
+        bt = b.transpose(1, 2)
+        out = torch.randn(len(SLOTS), n_out, generator=torch.Generator().manual_seed(9 + seed))
+        wants.append(out.double() + reference(x, adapters, SLOTS))
+        table += [*cpu_kernel.weights_entry(a, bt, scaling), out.data_ptr(), n_out]
+        outs.append((out, a, bt, scaling))  # keep the stacks alive for the call
+    cpu_kernel.run(cpu_kernel._load(), x, table, plan.kernel_args(1))
+    for (out, *_), want in zip(outs, wants):
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

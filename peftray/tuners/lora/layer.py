@@ -18,6 +18,7 @@ from peftray.errors import ConfigError
 from peftray.ops.precision import autocast_dtype, autocast_off
 from peftray.tuners.layers import AdapterLayer, base_weight, in_out_features
 from peftray.tuners.lora.function import lora_linear
+from peftray.tuners.lora.stack import AdapterStack, stacked
 from peftray.tuners.mixed import MixedBatch, current_mixed_batch
 
 
@@ -46,8 +47,7 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        self._stack_key: Any = None
-        self._stack: Any = None
+        self._stack: Optional[AdapterStack] = None  # see peftray.tuners.lora.stack
 
     def update_layer(self, name: str, r: int, alpha: float, config: Any, init_weights: bool = True) -> None:
         """Add adapter `name` with rank `r`; `init_weights=False` skips initialisation (weights loaded next)."""
@@ -186,61 +186,52 @@ class Linear(LoraLayer):
         return result
 
     # --- mixed-adapter batches --------------------------------------------------------------------
-    def _stacked(self, order: tuple[str, ...], dtype: torch.dtype) -> tuple[Any, ...]:
-        """A [N, r_max, in], B [N, out, r_max] (zero-padded; B stored transposed, see `new_stacked_b`), scaling
-        [N] and the slots of DoRA adapters (not stacked), cached until an adapter is added/removed or a weight
-        changes (tracked by the tensors' version counters, which in-place optimizer steps and loads bump, and
-        their storage, which `.to()` or a replaced tensor changes)."""
-        from peftray.ops import new_stacked_b
-
-        # Checked on every layer call of every mixed forward: plain dict reads, not nn.Module.__getattr__
-        # (through which this key cost about a millisecond per decode step with 16 adapters).
-        mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
-        present = [n for n in order if n in mods_a]
-        weights = [mods[n]._parameters["weight"] for mods in (mods_a, mods_b) for n in present]
-        key = (order, dtype, self.base_layer.weight.device, self._generation,
-               tuple([w._version for w in weights]), tuple([w.data_ptr() for w in weights]))
-        if key != self._stack_key:
-            r_max = max([self.r[n] for n in order if n in self.lora_A] or [1])
-            device = self.base_layer.weight.device
-            a_st = torch.zeros(len(order), r_max, self.in_features, dtype=dtype, device=device)
-            b_st = new_stacked_b(len(order), self.out_features, r_max, dtype=dtype, device=device)
-            scaling = torch.zeros(len(order), dtype=dtype, device=device)
-            dora = tuple(i for i, n in enumerate(order) if n in self.lora_magnitude_vector)
-            with torch.no_grad():
-                for i, n in enumerate(order):
-                    if n in self.lora_A and n not in self.lora_magnitude_vector:
-                        r = self.r[n]
-                        a_st[i, :r] = self.lora_A[n].weight
-                        b_st[i, :, :r] = self.lora_B[n].weight
-                        scaling[i] = self.scaling[n]
-            self._stack, self._stack_key = (a_st, b_st, scaling, dora, b_st.transpose(1, 2)), key
-        return self._stack
+    def _stacked(self, order: tuple[str, ...], dtype: torch.dtype) -> AdapterStack:
+        """The adapters of this layer stacked in slot order `order` (see `peftray.tuners.lora.stack`)."""
+        return stacked(self, order, dtype)
 
     def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
-        from peftray.ops import lora_delta, lora_delta_small_
-
+        if x.shape[0] != mixed.plan.batch_size:
+            raise ValueError(f"adapter_names has {mixed.plan.batch_size} entries but the batch has {x.shape[0]} rows")
         result = self.base_layer(x)
-        if x.shape[0] != mixed.indices.shape[0]:
-            raise ValueError(f"adapter_names has {mixed.indices.shape[0]} entries but the batch has {x.shape[0]} rows")
-        amp = autocast_dtype(x)  # under autocast the kernel runs in its dtype (see ops.precision)
-        dtype = amp or x.dtype
-        a, b, scaling, dora, bt = self._stacked(mixed.order, dtype)
-        if not amp and lora_delta_small_(result, x, a, bt, scaling, mixed.plan):
-            pass  # decode-sized float32 batch on the CPU: added in place by the compiled kernel
-        else:
-            with autocast_off(x) if amp else contextlib.nullcontext():  # entered only when needed: decode is hot
-                if result.dtype == dtype:  # accumulate into the base output (in place when autograd allows)
-                    result = lora_delta(x.to(dtype), a, b, scaling, mixed.plan, out=result)
-                else:
-                    result = result + lora_delta(x.to(dtype), a, b, scaling, mixed.plan).to(result.dtype)
+        if mixed.kernel is None or not self._kernel_add_(result, x, mixed):
+            result = self._lora_delta_add(result, x, mixed)
         # DoRA adapters are not in the stack (their term depends on the base output): one pass per segment.
-        for i in dora:
+        for i in self._stack.dora:
             rows = (mixed.indices == i).nonzero().flatten()
             if rows.numel():
                 name = mixed.order[i]
                 result = result.index_add(0, rows, self._dora_term(name, x[rows], result[rows]).to(result.dtype))
         return result
+
+    def _kernel_add_(self, result: torch.Tensor, x: torch.Tensor, mixed: MixedBatch) -> bool:
+        """result += the rows' LoRA terms through the compiled CPU kernel (decode-sized float32 batches on the
+        CPU, no autograd): the lean path, a few attribute reads and one kernel call. False, result untouched,
+        where it does not apply."""
+        from peftray.ops import cpu_kernel, kernel_rows
+
+        rows = kernel_rows(x, mixed.plan)
+        if rows is None or result.dtype is not torch.float32 or not result.is_contiguous() \
+                or (mixed.grad and (x.requires_grad or result.requires_grad)):
+            return False
+        entry = self._stacked(mixed.order, torch.float32).entry
+        if entry is None:
+            return False
+        cpu_kernel.run(mixed.kernel, x, [*entry, result.data_ptr(), self.out_features], rows)
+        return True
+
+    def _lora_delta_add(self, result: torch.Tensor, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+        """result + the rows' LoRA terms through `lora_delta` (bmm or segments; any device, dtype, autograd)."""
+        from peftray.ops import lora_delta
+
+        amp = autocast_dtype(x)  # under autocast the kernel runs in its dtype (see ops.precision)
+        dtype = amp or x.dtype
+        st = self._stacked(mixed.order, dtype)
+        a, b, scaling = st.a, st.b, st.scaling
+        with autocast_off(x) if amp else contextlib.nullcontext():
+            if result.dtype == dtype:  # accumulate into the base output (in place when autograd allows)
+                return lora_delta(x.to(dtype), a, b, scaling, mixed.plan, out=result)
+            return result + lora_delta(x.to(dtype), a, b, scaling, mixed.plan).to(result.dtype)
 
 
 class Embedding(LoraLayer):
