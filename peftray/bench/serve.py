@@ -169,11 +169,11 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
     tag = uuid.uuid4().hex[:6]
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids, params = tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)
-    single = _InProcess(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, folders[:1], batch=8)
-    load_engine = _InProcess(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, folders[:args.adapters],
-                             batch=args.requests)
+    # one engine for both in-process arms: the 8-token request on its first adapter, the load over all of them
+    local_engine = _InProcess(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, folders[:args.adapters],
+                              batch=args.requests)
     try:
-        single.generate(ids, params, 0)  # warm-up
+        local_engine.generate(ids, params, 0)  # warm-up
         with local_stack("peftray-bench-serve-", ray_num_cpus=4) as cfg:
             # an empty adapter cache for the replica: every first request really reads from S3
             cfg = dataclasses.replace(cfg, cache_dir=root / "serve-cache")
@@ -206,21 +206,20 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
                     for _ in range(reps * 2):  # paired: one through HTTP, then the same in this process
                         served.append(ask(f"{names[0]}/1"))
                         t0 = time.perf_counter()
-                        ev = single.generate(ids, params, 0)
+                        ev = local_engine.generate(ids, params, 0)
                         local.append(time.perf_counter() - t0)
                 mixed = [f"{n}/1" for n in names[:args.adapters]]
                 drive(dep.url, dep.api_key, mixed, args.adapters, args.adapters, args.max_tokens)  # every adapter
-                load_engine.run(args.requests, args.max_tokens, warm_up=True)
+                local_engine.run(args.requests, args.max_tokens, warm_up=True)
                 rounds = []
                 for _ in range(args.load_reps):
                     got = drive(dep.url, dep.api_key, mixed, args.requests, args.requests, args.max_tokens)
-                    rounds.append((got, load_engine.run(args.requests, args.max_tokens)))
+                    rounds.append((got, local_engine.run(args.requests, args.max_tokens)))
                 over = refusals(dep.url, dep.api_key, mixed[0], 10 * args.requests)
             finally:
                 down(spec.name, cfg)
     finally:
-        single.close()
-        load_engine.close()
+        local_engine.close()
     if ev.completion_tokens != served[0][1]:
         print(f"note: in-process generated {ev.completion_tokens} tokens, Serve {served[0][1]}")
     served_t = [t for t, _ in served]
