@@ -147,3 +147,23 @@ def test_mlflow_server_runs_no_job_runner(stack):
             continue
     assert any("uvicorn" in c or "mlflow" in c for c in cmds), cmds  # the tree was really read
     assert not [c for c in cmds if "huey" in c or "_job_runner" in c], cmds
+
+
+def test_ray_train_controllers_check_workers_often(stack):
+    # Ray Train's controller waits one health-check interval between the steps of a run's start and end (2 s by
+    # default); the stack's Ray processes, which start every controller and worker, carry the shorter one.
+    from peftray import stack as local_stack
+    from peftray.endpoints import RAY_TRAIN_ENV
+    from peftray.stack import procs
+
+    st = local_stack.status(stack.state_dir)
+    seen = {}
+    for proc in procs.tree(procs.process_of(st.procs["ray"])):
+        try:
+            if "raylet" in " ".join(proc.cmdline()):
+                seen = proc.environ()
+                break
+        except psutil.Error:
+            continue
+    assert seen, "no raylet process found under the stack's Ray head"
+    assert {k: seen.get(k) for k in RAY_TRAIN_ENV} == RAY_TRAIN_ENV
