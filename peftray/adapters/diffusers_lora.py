@@ -3,7 +3,9 @@
 `StableDiffusionPipeline.load_lora_weights(folder)` reads only this file (an HF PEFT folder alone loads
 without an error and changes nothing). Its tensors are the UNet's HF PEFT tensors with `base_model.model.`
 replaced by `unet.`; the LoRA config travels in the safetensors metadata `lora_adapter_metadata`, as a JSON
-object whose keys carry the same `unet.` prefix (what diffusers 0.42 writes and reads). A file without that
+object whose keys carry the same `unet.` prefix (what diffusers 0.42 writes and reads). A text-encoder adapter
+(text_to_image with `adapter.text_encoder_target_modules`) joins the same file under `text_encoder.`, tensors
+and metadata alike, as `StableDiffusionPipeline.save_lora_weights(text_encoder_lora_layers=...)` writes it. A file without that
 metadata (older diffusers, other trainers) gets r from the tensor shapes and lora_alpha = r, as diffusers does.
 """
 
@@ -19,15 +21,24 @@ from peftray.errors import AdapterFormatError
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
 UNET = "unet."
+TEXT_ENCODER = "text_encoder."
 
 
-def to_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, safetensors metadata) of the diffusers file for a UNet adapter's HF PEFT config and tensors."""
-    odd = [k for k in state if not k.startswith(PEFT_PREFIX)]
-    if odd:
-        raise AdapterFormatError(f"tensor names {odd[:3]} do not start with {PEFT_PREFIX!r}: not a UNet LoRA adapter")
-    tensors = {UNET + k[len(PEFT_PREFIX):]: v.detach().contiguous().cpu() for k, v in state.items()}
-    meta = {UNET + k: v for k, v in config.items()}
+def to_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor],
+                 text_encoder: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, safetensors metadata) of the diffusers file for a UNet adapter's HF PEFT config and tensors, and
+    optionally the text encoder's (config, tensors)."""
+    tensors, meta = {}, {}
+    for prefix, part in ((UNET, (config, state)), (TEXT_ENCODER, text_encoder)):
+        if part is None:
+            continue
+        odd = [k for k in part[1] if not k.startswith(PEFT_PREFIX)]
+        if odd:
+            raise AdapterFormatError(f"tensor names {odd[:3]} do not start with {PEFT_PREFIX!r}: not a "
+                                     f"{prefix[:-1]} LoRA adapter")
+        tensors.update({prefix + k[len(PEFT_PREFIX):]: v.detach().contiguous().cpu() for k, v in part[1].items()})
+        meta.update({prefix + k: v for k, v in part[0].items()})
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
 
 

@@ -144,7 +144,10 @@ def model_card(base_model: str | None, method: str) -> str:
 
 
 def write_diffusers_lora(path: str | os.PathLike, config: Any, state: dict[str, torch.Tensor],
-                         storage_options: dict | None = None) -> None:
-    """Write diffusers' pytorch_lora_weights.safetensors for a UNet adapter (what load_lora_weights reads)."""
-    tensors, metadata = to_diffusers(config.to_dict(), state)
+                         storage_options: dict | None = None,
+                         text_encoder: tuple[Any, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write diffusers' pytorch_lora_weights.safetensors for a UNet adapter (what load_lora_weights reads), with
+    the text encoder's adapter (config, state) beside it when given."""
+    te = None if text_encoder is None else (text_encoder[0].to_dict(), text_encoder[1])
+    tensors, metadata = to_diffusers(config.to_dict(), state, te)
     _Folder(path, storage_options).write(DIFFUSERS_WEIGHTS_NAME, st_save(tensors, metadata=metadata))

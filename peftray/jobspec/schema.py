@@ -48,6 +48,7 @@ TASK_TYPES = {name: task.task_type for name, task in TASKS.items()}
 LoraMethod, DoraMethod, IA3Method = _SPEC_MODELS["lora"], _SPEC_MODELS["dora"], _SPEC_MODELS["ia3"]
 PromptTuningMethod, PrefixTuningMethod = _SPEC_MODELS["prompt_tuning"], _SPEC_MODELS["prefix_tuning"]
 PTuningMethod = _SPEC_MODELS["p_tuning"]
+TEXT_ENCODER_FIELD = "text_encoder_target_modules"  # LoRA-family sections only (peftray.tuners.lora.spec)
 
 
 def peft_config_kwargs(adapter: BaseModel, task: str, base_ref: str | None = None) -> dict[str, Any]:
@@ -228,6 +229,14 @@ class JobSpec(_Strict):
     @field_validator("adapter", mode="before")
     @classmethod
     def _method_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get(TEXT_ENCODER_FIELD) is not None:
+            method = v.get("method", "lora")
+            model = _SPEC_MODELS.get(method)
+            if model is not None and TEXT_ENCODER_FIELD not in model.model_fields:
+                lora = [n for n, m in _SPEC_MODELS.items() if TEXT_ENCODER_FIELD in m.model_fields]
+                raise ValueError(f"`adapter.{TEXT_ENCODER_FIELD}` applies to LoRA methods ({', '.join(lora)}), got "
+                                 f"`adapter.method: {method}`; remove adapter.{TEXT_ENCODER_FIELD} or set "
+                                 "adapter.method=lora")
         return {"method": v} if isinstance(v, str) else v  # `adapter: lora` = LoRA with defaults
 
     @model_validator(mode="after")
@@ -250,6 +259,9 @@ class JobSpec(_Strict):
                              f"sequence to prepend to); set adapter.method=lora")
         if self.training.snr_gamma is not None and not TASKS[self.task].diffusion:
             raise ValueError(f"`training.snr_gamma` applies to task text_to_image, got task '{self.task}'")
+        if self.text_encoder_targets and not TASKS[self.task].diffusion:
+            raise ValueError(f"`adapter.{TEXT_ENCODER_FIELD}` applies to task text_to_image (the pipeline's text "
+                             f"encoder), got task '{self.task}'; remove adapter.{TEXT_ENCODER_FIELD}")
         if self.quantization and self.resources.use_tpu:
             raise ValueError("quantization (bitsandbytes) is not supported on TPU; remove `quantization`")
         if self.quantization and not method_for_spec(self.adapter.method).adapts_weights:
@@ -261,6 +273,11 @@ class JobSpec(_Strict):
     def method(self) -> str:
         """The adapter method name (`lora`, `dora`, `ia3`, `prompt_tuning`, `prefix_tuning`, `p_tuning`)."""
         return self.adapter.method
+
+    @property
+    def text_encoder_targets(self) -> list[str] | None:
+        """`adapter.text_encoder_target_modules` (text_to_image, LoRA methods); None = frozen text encoder."""
+        return getattr(self.adapter, TEXT_ENCODER_FIELD, None)
 
     @property
     def model_name(self) -> str:
@@ -281,6 +298,8 @@ class JobSpec(_Strict):
         """sha256 of the spec as canonical JSON, `description` left out: with the owner and the job name, the
         identity of a run. Any other change (data, hyperparameters, base model) makes a different run."""
         data = self.model_dump(mode="json", exclude={"description"})
+        if data["adapter"].get(TEXT_ENCODER_FIELD, 0) is None:
+            del data["adapter"][TEXT_ENCODER_FIELD]  # unset: the fingerprint of specs written before the field
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -149,6 +149,15 @@ class DiffusionEngine(EngineQueue, LoraHost):
                                      f"{config.task_type.value}: a text adapter; send it to a text deployment.")
         check_modules(key, config, state, self.base, "UNet")
 
+    def check_folder(self, key: str, folder) -> None:
+        # a text_to_image job with adapter.text_encoder_target_modules saves its text encoder's LoRA in text_encoder/;
+        # the engine encodes every prompt with one shared text encoder, so serving only the UNet half would be wrong
+        if (folder / "text_encoder" / "adapter_config.json").is_file():
+            raise AdapterFormatError(f"adapter {key!r} (the request's `model`) also adapts the text encoder "
+                                     "(its folder has text_encoder/adapter_config.json); text-to-image deployments "
+                                     "serve UNet-only LoRA adapters. Load it with diffusers' "
+                                     "pipeline.load_lora_weights, or train without adapter.text_encoder_target_modules.")
+
     def prompt_tensors(self, config, state: dict):
         raise AdapterFormatError("prompt-learning adapters have no meaning for a UNet; serve a LoRA adapter.")
 

@@ -157,6 +157,9 @@ class AdapterSlots:
         self.evictions += 1
 
     def _load(self, key: str, folder: str | Path) -> LoadedAdapter:
+        check_folder = getattr(self.host, "check_folder", None)  # optional: parts beside the adapter's own files
+        if check_folder is not None:
+            check_folder(key, Path(folder))
         config, state = adapter_io.read_adapter(str(folder))
         self.host.check_adapter(key, config, state)
         internal = internal_name(key)

@@ -1,7 +1,8 @@
 """`task: text_to_image`: an adapter on a Stable Diffusion UNet, trained with the scheduler's noise-prediction loss.
 
 The base is a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-The VAE and the text encoder stay frozen; the images are encoded into latents once, before the first step
+The VAE stays frozen, and so does the text encoder unless `adapter.text_encoder_target_modules` puts a LoRA on it
+too (then its LoRA trains with the UNet's, the captions encoded under grad); the images are encoded into latents once, before the first step
 (the latent distribution's mode, times the VAE's scaling factor). Each step then adds noise at random
 timesteps with the pipeline's own scheduler and regresses the UNet's prediction on its target: the noise
 (`prediction_type: epsilon`) or the velocity (`v_prediction`); `training.snr_gamma` applies min-SNR-gamma
@@ -9,8 +10,9 @@ weighting (Hang et al. 2023, as diffusers' train_text_to_image.py). Evaluation d
 each row from the row's own seed, so eval losses of different adapters (or of the base) are comparable.
 
 `TextToImageModel` is what the loop trains: its forward returns the per-row loss; `save_pretrained` writes the
-UNet adapter in the HF PEFT format and, beside it, diffusers' pytorch_lora_weights.safetensors, so the folder
-loads with `PeftModel.from_pretrained(unet, folder)` and with `pipeline.load_lora_weights(folder)`.
+UNet adapter in the HF PEFT format (the text encoder's, if any, in its `text_encoder/` subfolder) and, beside it,
+diffusers' pytorch_lora_weights.safetensors (`unet.` and `text_encoder.` tensors), so the folder loads with
+`load_adapters(unet, text_encoder, folder)` (peftray's PeftModel) and with `pipeline.load_lora_weights(folder)`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from peftray.tuners.tasks import TASKS
 
 PIPELINE_FILE = "model_index.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TEXT_ENCODER_DIR = "text_encoder"  # the text encoder's HF PEFT adapter, inside the UNet adapter's folder
 
 
 def check_base(spec, path: str) -> None:
@@ -86,7 +89,8 @@ def load_parts(spec, path: str, dtype: torch.dtype, device: torch.device) -> dic
 
 
 class TextToImageModel(nn.Module):
-    """The adapted UNet (a PeftModel) with the frozen parts it trains against; forward = per-row loss."""
+    """The adapted UNet (a PeftModel) with the parts it trains against; forward = per-row loss. The text encoder
+    is frozen, or a PeftModel when the spec adapts it too (`adapts_text_encoder`)."""
 
     def __init__(self, unet: nn.Module, parts: dict[str, Any], snr_gamma: float | None = None) -> None:
         super().__init__()
@@ -96,6 +100,10 @@ class TextToImageModel(nn.Module):
         self.scheduler = parts["scheduler"]
         self.tokenizer = parts["tokenizer"]
         self.snr_gamma = snr_gamma
+
+    @property
+    def adapts_text_encoder(self) -> bool:
+        return hasattr(self.text_encoder, "peft_config")
 
     @property
     def prediction_type(self) -> str:
@@ -124,7 +132,7 @@ class TextToImageModel(nn.Module):
                 **_: Any) -> torch.Tensor:
         noise, timesteps = self._noise(latents, seeds)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
+        with contextlib.nullcontext() if self.adapts_text_encoder else torch.no_grad():
             hidden = self.text_encoder(input_ids)[0]
         pred = self.unet(noisy.to(hidden.dtype), timesteps, encoder_hidden_states=hidden).sample
         if self.prediction_type == "epsilon":
@@ -145,15 +153,25 @@ class TextToImageModel(nn.Module):
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """The HF PEFT folder of the UNet adapter, plus diffusers' pytorch_lora_weights.safetensors."""
+        """The HF PEFT folder of the UNet adapter (the text encoder's in `text_encoder/`), plus diffusers'
+        pytorch_lora_weights.safetensors holding both."""
         from peftray.adapters.io import write_diffusers_lora
 
         self.unet.save_pretrained(folder)
-        write_diffusers_lora(folder, self.unet.peft_config["default"], self.unet.get_adapter_state_dict("default"))
+        text_encoder = None
+        if self.adapts_text_encoder:
+            self.text_encoder.save_pretrained(Path(folder) / TEXT_ENCODER_DIR)
+            text_encoder = (self.text_encoder.peft_config["default"],
+                            self.text_encoder.get_adapter_state_dict("default"))
+        write_diffusers_lora(folder, self.unet.peft_config["default"], self.unet.get_adapter_state_dict("default"),
+                             text_encoder=text_encoder)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        with self.unet.disable_adapter():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.unet.disable_adapter())
+            if self.adapts_text_encoder:
+                stack.enter_context(self.text_encoder.disable_adapter())
             yield
 
     @torch.no_grad()
@@ -165,7 +183,7 @@ class TextToImageModel(nn.Module):
         was_training = self.training
         self.eval()
         pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet.get_base_model(),
+            vae=self.vae, text_encoder=_bare(self.text_encoder), tokenizer=self.tokenizer, unet=self.unet.get_base_model(),
             scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
@@ -176,6 +194,22 @@ class TextToImageModel(nn.Module):
         for i, image in enumerate(images):
             grid.paste(image, (i * size, 0))
         return grid
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel (its LoRA layers still in place, as the pipeline wants a plain model)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def load_adapters(unet: nn.Module, text_encoder: nn.Module, folder: str | Path) -> tuple[nn.Module, nn.Module]:
+    """(unet, text_encoder) with a saved text_to_image adapter folder applied through peftray's PeftModel: the
+    UNet's always, the text encoder's when the folder has a `text_encoder/` adapter (else it is returned as is)."""
+    from peftray.task_models import PeftModel
+
+    unet = PeftModel.from_pretrained(unet, str(folder))
+    if (Path(folder) / TEXT_ENCODER_DIR).is_dir():
+        text_encoder = PeftModel.from_pretrained(text_encoder, str(Path(folder) / TEXT_ENCODER_DIR))
+    return unet, text_encoder
 
 
 def attach_latents(model: TextToImageModel, examples: list[dict], first_seed: int, batch: int = 32) -> None:

@@ -46,8 +46,10 @@ def load_text_to_image(spec: JobSpec, path: str, data: PreparedData, device: tor
     encoded into latents once, here."""
     dtype = DTYPES.get(spec.base_model.dtype) or PRECISION_DTYPES[spec.training.precision]
     parts = diffusion.load_parts(spec, path, dtype, device)
-    model = diffusion.TextToImageModel(wrap(spec, parts["unet"], spec.base_model.path), parts,
-                                       spec.training.snr_gamma)
+    unet = wrap(spec, parts["unet"], spec.base_model.path)
+    if spec.text_encoder_targets:
+        parts["text_encoder"] = wrap_text_encoder(spec, parts["text_encoder"], spec.base_model.path)
+    model = diffusion.TextToImageModel(unet, parts, spec.training.snr_gamma)
     diffusion.attach_latents(model, data.train, 0)
     diffusion.attach_latents(model, data.eval, len(data.train))
     return model
@@ -174,6 +176,28 @@ def wrap(spec: JobSpec, model, base_ref: str):
     if not trainable:
         raise ConfigError(f"`adapter` ({spec.method}) matched no module of {base_ref}; check adapter.target_modules")
     return peft_model
+
+
+# options that name UNet modules or layers; the text encoder's LoRA takes the rest (r, alpha, dropout, init, DoRA)
+_UNET_ONLY = ("exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+              "alpha_pattern")
+
+
+def wrap_text_encoder(spec: JobSpec, text_encoder, base_ref: str):
+    """LoRA on the pipeline's CLIP text encoder (`adapter.text_encoder_target_modules`), through peftray.tuners as
+    the UNet's; called after `wrap`, so the seed it set makes the same initial adapter on every rank."""
+    from peftray.task_models import get_peft_model
+
+    kwargs = {k: v for k, v in spec.peft_kwargs(base_ref).items() if k not in _UNET_ONLY}
+    kwargs.update(target_modules=list(spec.text_encoder_targets), base_model_name_or_path=base_ref)
+    if spec.base_model.revision:
+        kwargs["revision"] = spec.base_model.revision
+    try:
+        return get_peft_model(text_encoder, method_for_spec(spec.method).config_cls(**kwargs))
+    except ConfigError as exc:  # the tuner names `target_modules`; the user wrote the text encoder's field
+        raise ConfigError(f"`adapter.text_encoder_target_modules` {spec.text_encoder_targets} on the text encoder of "
+                          f"{base_ref}: {exc} (CLIP's attention projections are q_proj, k_proj, v_proj, "
+                          "out_proj)") from None
 
 
 def _prepare_quantized(model) -> None:

@@ -6,7 +6,7 @@ Each method folder defines its section(s) in `spec.py` and registers them with t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,6 +16,8 @@ class MethodSpec(BaseModel):
 
     # allow_inf_nan=False: an inf/NaN alpha or dropout would train into NaN weights and still "succeed"
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # fields that configure the job, not the method's config class: peft_kwargs leaves them out
+    spec_only_fields: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def describes(cls, config: dict[str, Any]) -> bool:
@@ -28,4 +30,4 @@ class MethodSpec(BaseModel):
         Args:
             base_ref: the base model's folder or hub id, for methods that read from it (prompt tuning's text init).
         """
-        return self.model_dump(exclude={"method"}, exclude_none=True)
+        return self.model_dump(exclude={"method", *self.spec_only_fields}, exclude_none=True)

@@ -127,6 +127,8 @@ def test_fingerprint_is_the_spec_without_its_description():
     spec = load_spec(BASE)
     data = spec.model_dump(mode="json")
     del data["description"]
+    # left out while unset, so the specs written before the field keep their fingerprint (and their runs)
+    del data["adapter"]["text_encoder_target_modules"]
     expected = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert spec.fingerprint() == expected
     assert load_spec(BASE, ["description=other words"]).fingerprint() == expected

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -25,6 +25,12 @@ class _LoraFields(MethodSpec):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     fan_in_fan_out: bool = False
+    text_encoder_target_modules: list[str] | None = Field(
+        None, min_length=1, description="text_to_image: also put a LoRA (same r, lora_alpha, dropout) on these modules of the "
+                          "pipeline's CLIP text encoder, e.g. [q_proj, k_proj, v_proj, out_proj], trained with the "
+                          "UNet's; None = the text encoder stays frozen")
+    # the text encoder's targets configure a second adapter (peftray.train.model.wrap_text_encoder)
+    spec_only_fields: ClassVar[frozenset[str]] = frozenset({"text_encoder_target_modules"})
 
 
 class LoraMethod(_LoraFields):
