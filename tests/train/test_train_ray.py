@@ -154,7 +154,9 @@ def test_worker_killed_from_outside_resumes_from_checkpoint_and_registers_once(s
     from peftray.registry import list_versions
     from peftray.train import run_job
 
-    total = 16  # reports every 2 steps wait for the controller's poll: the run outlasts the kill by far
+    # Reports every 2 steps each wait for the controller's poll (RAY_TRAIN_ENV: every 0.25 s) and upload a checkpoint:
+    # 40 steps outlast the kill by many reports, also on a quiet machine.
+    total = 40
     spec = _tiny_spec(tiny_model, unique_name, f"training.max_steps={total}", "training.checkpoint_every=2",
                       "training.eval_every=null")
     job_over = threading.Event()

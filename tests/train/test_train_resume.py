@@ -2,7 +2,7 @@
 
 Runs the way the control plane runs a job (a Ray job with `python -m peftray.train` on a spec in S3), so the
 job's own log is the one the service shows. The worker is SIGKILLed from outside, as the OOM killer would: a
-worker's report uploads its checkpoint and then waits for the controller's next poll (every 2 s), and the kill
+worker's report uploads its checkpoint and then waits for the controller's next poll (every 0.25 s), and the kill
 lands in that wait, when Ray knows only the checkpoint before.
 """
 
