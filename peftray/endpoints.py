@@ -32,13 +32,20 @@ from typing import Any
 
 STATE_FILE = "stack.json"
 DEFAULT_BUCKET = "peftray"
-# Secret values: kept in 0600 files and process memory only, never handed to Ray (job runtime_env, actor
-# options, Serve configs), printed by `stack status`, or put on a command line.
 # Ray Train's controller checks on its workers every 2 s by default, and each step of a run's start (workers
 # created, train context set up, training started) and its end waits for the next check: measured here, a
 # 1-worker fit took 4-5 s longer at 2 s than at 0.25 s (17.6 vs 12.9 s, median of 5). Set on the local stack's
 # Ray processes, on every job the service submits, and in the image; an operator's own value wins.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def ray_train_env() -> dict[str, str]:
+    """`RAY_TRAIN_ENV`, each value overridden by this process's own environment where set."""
+    return {k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()}
+
+
+# Secret values: kept in 0600 files and process memory only, never handed to Ray (job runtime_env, actor
+# options, Serve configs), printed by `stack status`, or put on a command line.
 SECRET_ENDPOINTS = ("aws_secret_access_key", "mlflow_password", "service_token", "serve_api_key")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PEFTRAY_TOKEN", "PEFTRAY_SERVE_API_KEY",
               "PEFTRAY_SERVICE_ADMIN_TOKEN")

@@ -22,6 +22,7 @@ DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
 UNET = "unet."
 TEXT_ENCODER = "text_encoder."
+TEXT_ENCODER_DIR = "text_encoder"  # a text encoder's HF PEFT adapter, inside the UNet adapter's folder
 
 
 def to_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor],

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from peftray.adapters.diffusers_lora import TEXT_ENCODER_DIR
 from peftray.errors import AdapterFormatError, ConfigError
 from peftray.serve.engine_queue import EngineQueue
 from peftray.serve.slots import AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_modules
@@ -152,7 +153,7 @@ class DiffusionEngine(EngineQueue, LoraHost):
     def check_folder(self, key: str, folder) -> None:
         # a text_to_image job with adapter.text_encoder_target_modules saves its text encoder's LoRA in text_encoder/;
         # the engine encodes every prompt with one shared text encoder, so serving only the UNet half would be wrong
-        if (folder / "text_encoder" / "adapter_config.json").is_file():
+        if (folder / TEXT_ENCODER_DIR / "adapter_config.json").is_file():
             raise AdapterFormatError(f"adapter {key!r} (the request's `model`) also adapts the text encoder "
                                      "(its folder has text_encoder/adapter_config.json); text-to-image deployments "
                                      "serve UNet-only LoRA adapters. Load it with diffusers' "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from peftray.endpoints import RAY_TRAIN_ENV
+from peftray.endpoints import ray_train_env
 from peftray.errors import StackError
 from peftray.stack import procs
 from peftray.stack.procs import Proc
@@ -222,7 +222,7 @@ def start_ray(opts: Options, ports: dict[str, int], token_path: Path, env_extra:
         # free ones, so two stacks on one machine do not collide, and loopback-bound like the rest.
         "DASHBOARD_METRIC_PORT": str(ports["ray_dashboard_metrics"]),
         "AUTOSCALER_METRIC_PORT": str(ports["ray_autoscaler_metrics"]),
-        **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()},
+        **ray_train_env(),
         **env_extra,
     })
     cmd = [

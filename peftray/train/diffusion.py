@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftray.adapters.diffusers_lora import TEXT_ENCODER_DIR
 from peftray.errors import ConfigError
 from peftray.tuners.tasks import TASKS
 
 PIPELINE_FILE = "model_index.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TEXT_ENCODER_DIR = "text_encoder"  # the text encoder's HF PEFT adapter, inside the UNet adapter's folder
 
 
 def check_base(spec, path: str) -> None:

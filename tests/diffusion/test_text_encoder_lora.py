@@ -26,11 +26,13 @@ def trained(tiny_sd):
     spec = load_spec("jobs/tiny-sd-lora.yaml", [f"base_model.path={tiny_sd}", "training.max_steps=15", TE_TARGETS])
     ctx = LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=lambda m, f: None,
                       resume_from=lambda: contextlib.nullcontext(None))
-    job = build_local(spec)
-    start = evaluate(job, ctx)["eval_loss"]
-    for step in range(job.total):
-        train_step(job, ctx, step)
-    torch.set_num_threads(threads)
+    try:
+        job = build_local(spec)
+        start = evaluate(job, ctx)["eval_loss"]
+        for step in range(job.total):
+            train_step(job, ctx, step)
+    finally:
+        torch.set_num_threads(threads)  # never leaks into later tests, also when training fails
     return job, ctx, start
 
 
