@@ -14,8 +14,8 @@ from typing import Any
 
 # (phase, from mark, to mark): consecutive marks of one job; a mark the job did not record skips its phase.
 PHASES = (
-    ("queue + Ray Jobs start of the driver", "submit", "driver_start"),
-    ("driver imports (python, torch, peftray)", "driver_start", "run_job"),
+    ("queue + start of the driver (a Ray job's; a warm runner's: the job begins)", "submit", "driver_start"),
+    ("driver imports (python, torch, peftray; none on a warm runner)", "driver_start", "run_job"),
     ("connect to Ray", "run_job", "ray_connected"),
     ("preflight (tokenizer, data, checks)", "ray_connected", "preflight"),
     ("MLflow run opened", "preflight", "run_opened"),
@@ -61,7 +61,12 @@ def _marks_when_done(client, job_id: str, t_submit: float, timeout: float) -> di
 
 def sequential(client, spec: dict[str, Any], repeats: int) -> dict[str, Any]:
     """`repeats` jobs one after another: the per-phase seconds of each and their medians."""
-    runs = [run_job_through_service(client, {**spec, "name": f"{spec['name']}-p{i}"}) for i in range(repeats)]
+    return summarize([run_job_through_service(client, {**spec, "name": f"{spec['name']}-p{i}"})
+                      for i in range(repeats)])
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Per-phase medians and submit -> registered / succeeded medians of jobs' marks."""
     per_run = [phases_of(m) for m in runs]
     names = [n for n, _, _ in PHASES if all(n in p for p in per_run)]
     totals = [m["registered"] - m["submit"] for m in runs if "registered" in m]

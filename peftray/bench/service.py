@@ -180,26 +180,46 @@ def _run(cfg, tmp: Path, args) -> dict[str, Any]:
     return result
 
 
+PATHS = (("warm", "2"), ("ray", "0"))  # (arm, PEFTRAY_SERVICE_WARM_RUNNERS): warm runners vs. Ray Jobs + Ray Train
+
+
 def _phases(cfg, tmp: Path, spec: dict[str, Any], args) -> dict[str, Any]:
+    """Arms 3 and 4 on two services side by side: one with warm runners, one without (the baseline, every job a
+    Ray job with a Ray Train worker). Sequential jobs alternate between them; the concurrent arm runs each."""
     from peftray.bench import _service_phases as phases
     from peftray.service.client import ServiceClient
     from peftray.stack.control_plane import start_service
 
     n = str(max(1, args.concurrent))
-    svc = start_service(tmp / "phases", {"PEFTRAY_SERVICE_MAX_RUNNING": n, "PEFTRAY_SERVICE_MAX_RUNNING_PER_USER": n,
-                                         "PEFTRAY_SERVICE_POLL_S": "0.2"}, state_dir=cfg.state_dir)
     out: dict[str, Any] = {}
+    svcs = {arm: start_service(tmp / f"phases-{arm}", {
+        "PEFTRAY_SERVICE_MAX_RUNNING": n, "PEFTRAY_SERVICE_MAX_RUNNING_PER_USER": n, "PEFTRAY_SERVICE_POLL_S": "0.2",
+        "PEFTRAY_SERVICE_WARM_RUNNERS": warm}, state_dir=cfg.state_dir) for arm, warm in PATHS}
+    clients = {arm: ServiceClient(svc.url, svc.admin_token, timeout=120) for arm, svc in svcs.items()}
     try:
-        with ServiceClient(svc.url, svc.admin_token, timeout=120) as client:
-            if "phases" in args.arms:
-                out["phases"] = phases.sequential(client, spec, args.repeats)
-            if "concurrent" in args.arms:
-                single = out.get("phases", {}).get("submit_to_registered_s")
-                out["concurrent"] = phases.concurrent(client, spec, args.concurrent, single)
+        # "a warm local stack": the first job on each service (its runner's, or Ray's, caches) is not measured
+        out["first_job_s"] = {arm: phases.sequential(c, {**spec, "name": f"{spec['name']}-{arm}-first"}, 1)
+                              ["submit_to_registered_s"] for arm, c in clients.items()}
+        if "phases" in args.arms:
+            runs: dict[str, list] = {arm: [] for arm in clients}
+            for i in range(args.repeats):  # alternate which path goes first
+                for arm in list(clients)[:: 1 if i % 2 == 0 else -1]:
+                    runs[arm].append(phases.run_job_through_service(
+                        clients[arm], {**spec, "name": f"{spec['name']}-{arm}-p{i}"}))
+            out["phases"] = {arm: phases.summarize(r) for arm, r in runs.items()}
+        if "concurrent" in args.arms:
+            out["concurrent"] = {}
+            for arm, client in clients.items():
+                single = out.get("phases", {}).get(arm, {}).get("submit_to_registered_s")
+                out["concurrent"][arm] = phases.concurrent(client, {**spec, "name": f"{spec['name']}-{arm}"},
+                                                           args.concurrent, single)
     except RuntimeError as exc:
         out["phases_error"] = str(exc)[:2000]
     finally:
-        svc.stop()
+        for c in clients.values():
+            c.close()
+        for svc in svcs.values():
+            svc.stop()
     return out
 
 
@@ -263,17 +283,27 @@ def _print(r: dict[str, Any]) -> None:
 def _print_phases(r: dict[str, Any]) -> None:
     if "phases_error" in r:
         print(f"phases: not measured ({r['phases_error']})\n")
+    names = {"warm": "warm runner", "ray": "Ray job + Ray Train (baseline)"}
+    if "first_job_s" in r:
+        print("first job on a fresh service (not measured below): " + ", ".join(
+            f"{names[a]} {v:.2f} s" for a, v in r["first_job_s"].items()) + "\n")
     if "phases" in r:
         p = r["phases"]
-        rows = [(name, f"{s:.2f}") for name, s in p["phases_s"].items()]
-        rows += [("= submit -> registered version", f"{p['submit_to_registered_s']:.2f}"),
-                 ("  submit -> the service shows succeeded", f"{p['submit_to_succeeded_s']:.2f}")]
-        print(table([f"one tiny job, phases (median of {len(p['runs'])})", "seconds"], rows) + "\n")
+        arms = list(p)
+        order = list(dict.fromkeys(n for a in arms for n in p[a]["phases_s"]))
+        rows = [(name, *(f"{p[a]['phases_s'][name]:.2f}" if name in p[a]["phases_s"] else "-" for a in arms))
+                for name in order]
+        rows += [("= submit -> registered version", *(f"{p[a]['submit_to_registered_s']:.2f}" for a in arms)),
+                 ("  submit -> the service shows succeeded", *(f"{p[a]['submit_to_succeeded_s']:.2f}" for a in arms))]
+        if {"warm", "ray"} <= set(arms):
+            rows.append(("  ratio warm / baseline", f"{p['warm']['submit_to_registered_s'] / p['ray']['submit_to_registered_s']:.2f}", ""))
+        n = len(p[arms[0]]["runs"])
+        print(table([f"one tiny job, phases (median of {n}, alternated)", *(names[a] for a in arms)], rows) + "\n")
     if "concurrent" in r:
-        c = r["concurrent"]
-        rows = [("first submit -> last registered version", f"{c['wall_first_submit_to_last_registered_s']:.2f}"),
-                ("first submit -> last shown succeeded", f"{c['wall_first_submit_to_last_succeeded_s']:.2f}")]
-        if "per_extra_job_s" in c:
-            rows += [("one job alone (phases arm)", f"{c['single_job_s']:.2f}"),
-                     ("overhead per extra job", f"{c['per_extra_job_s']:.2f}")]
-        print(table([f"{c['jobs']} tiny jobs at once", "seconds"], rows) + "\n")
+        for arm, c in r["concurrent"].items():
+            rows = [("first submit -> last registered version", f"{c['wall_first_submit_to_last_registered_s']:.2f}"),
+                    ("first submit -> last shown succeeded", f"{c['wall_first_submit_to_last_succeeded_s']:.2f}")]
+            if "per_extra_job_s" in c:
+                rows += [("one job alone (phases arm)", f"{c['single_job_s']:.2f}"),
+                         ("overhead per extra job", f"{c['per_extra_job_s']:.2f}")]
+            print(table([f"{c['jobs']} tiny jobs at once: {names[arm]}", "seconds"], rows) + "\n")

@@ -14,6 +14,8 @@ def register(p: argparse.ArgumentParser) -> None:
                                      "e.g. postgresql+psycopg://127.0.0.1:5432/peftray")
     up.add_argument("--max-running", type=int, help="jobs running at once, service-wide (default 2)")
     up.add_argument("--max-running-per-user", type=int, help="jobs running at once per user (default 2)")
+    up.add_argument("--warm-runners", type=int, help="processes kept ready for one-worker CPU jobs (default 2; "
+                                                     "0: every job is a Ray job with Ray Train workers)")
     up.add_argument("--base-model", action="append", metavar="NAME=PATH_OR_URI", default=[],
                     help="a base model the OpenAI fine-tuning API offers as `model` NAME (repeatable): a folder, "
                          "hub id or s3:// URI")
@@ -53,7 +55,8 @@ def _up(args) -> int:
 
     env = {k: str(v) for k, v in (("PEFTRAY_SERVICE_DB_URL", args.db_url),
                                   ("PEFTRAY_SERVICE_MAX_RUNNING", args.max_running),
-                                  ("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", args.max_running_per_user)) if v is not None}
+                                  ("PEFTRAY_SERVICE_MAX_RUNNING_PER_USER", args.max_running_per_user),
+                                  ("PEFTRAY_SERVICE_WARM_RUNNERS", args.warm_runners)) if v is not None}
     if args.base_model:
         from peftray.service.settings import parse_base_models
 

@@ -201,6 +201,7 @@ def _job_routes(app: FastAPI) -> None:
             raise ConfigError(f"Idempotency-Key must be 1 to 200 characters, got {len(key)}")
         job, created = await run_in_threadpool(state.store.create_job, who.user, spec.name, spec_json, key,
                                                    spec.model_name)
+        state.scheduler.wake()
         return JSONResponse(job.to_api(), status_code=201 if created else 200)
 
     @app.get("/v1/jobs", tags=["jobs"])

@@ -12,22 +12,14 @@ from __future__ import annotations
 import json
 import shlex
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from peftray.endpoints import ray_train_env
+from peftray.service.ray_info import RayJobInfo
 from peftray.service.settings import ServiceSettings
 
 # The control plane's address: a training job has no use for it.
 _NOT_FOR_JOBS = ("PEFTRAY_SERVICE_URL",)
-
-
-@dataclass(frozen=True)
-class RayJobInfo:
-    """What Ray says about a job: status is PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-
-    status: str
-    message: str | None = None
 
 
 class RayExecutor:
@@ -38,6 +30,11 @@ class RayExecutor:
         self.config = settings.config
         self._client = None
         self._lock = threading.Lock()
+        self.warm = None
+        if settings.warm_runners > 0:
+            from peftray.service.warm_pool import WarmPool
+
+            self.warm = WarmPool(settings, self.spec_uri, self.result_uri)
 
     @property
     def client(self):
@@ -93,10 +90,30 @@ class RayExecutor:
                  "--result", self.result_uri(job_id), "--owner", owner, *(["--owner-is-admin"] if owner_is_admin else [])]
         return " ".join(shlex.quote(p) for p in parts)
 
+    def _is_warm(self, ray_id: str) -> bool:
+        from peftray.service.warm_pool import PREFIX
+
+        return ray_id.startswith(PREFIX)
+
+    def _warm_pool(self):
+        if self.warm is None:  # a job handed to warm runners before this service's restart without them
+            from peftray.service.warm_pool import WarmPool
+
+            self.warm = WarmPool(self.settings, self.spec_uri, self.result_uri)
+        return self.warm
+
     def submit(self, job_id: str, owner: str, spec: dict[str, Any], owner_is_admin: bool = False) -> str:
-        """Store the spec at `spec_uri(job_id)` and start the Ray job. Returns the Ray submission id."""
+        """Store the spec at `spec_uri(job_id)` and start the job: on a warm runner when it needs one CPU worker
+        and the service keeps runners, else as a Ray job. Returns the job's Ray-side id."""
         fs = self.config.s3fs()
         fs.pipe_file(self.spec_uri(job_id)[len("s3://"):], json.dumps(spec, indent=1).encode())
+        if self.warm is not None:
+            from peftray.jobspec import JobSpec
+            from peftray.train.run import in_process_eligible
+
+            parsed = JobSpec.model_validate(spec)
+            if in_process_eligible(parsed):
+                return self.warm.submit(job_id, owner, owner_is_admin, parsed.training.max_failures)
         return self.client.submit_job(
             entrypoint=self.entrypoint(job_id, owner, owner_is_admin),
             submission_id=self.submission_id(job_id),
@@ -106,6 +123,8 @@ class RayExecutor:
 
     def info(self, ray_id: str) -> RayJobInfo | None:
         """Ray's view of the job, or None if Ray has no job with this id."""
+        if self._is_warm(ray_id):
+            return self._warm_pool().info(ray_id)
         try:
             details = self.client.get_job_info(ray_id)
         except RuntimeError as exc:
@@ -116,6 +135,8 @@ class RayExecutor:
 
     def stop(self, ray_id: str) -> bool:
         """Ask Ray to stop the job (SIGTERM, then SIGKILL); its Ray Train workers die with their driver."""
+        if self._is_warm(ray_id):
+            return self._warm_pool().stop(ray_id)
         try:
             return bool(self.client.stop_job(ray_id))
         except RuntimeError as exc:
@@ -125,6 +146,8 @@ class RayExecutor:
 
     def logs(self, ray_id: str) -> str:
         """The job's driver output so far (worker output included, prefixed by Ray); "" if Ray has no such job."""
+        if self._is_warm(ray_id):
+            return self._warm_pool().logs(ray_id)
         try:
             return self.client.get_job_logs(ray_id)
         except RuntimeError as exc:

@@ -44,6 +44,7 @@ def _submit(state: Any, who: Principal, spec_data: dict[str, Any]):
     spec = admit(load_spec(spec_data), who, state.settings, state.store)
     spec_json = spec.model_dump(mode="json")
     job, _ = state.store.create_job(who.user, spec.name, spec_json, None, spec.model_name)
+    state.scheduler.wake()
     return job, spec_json
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -22,6 +23,9 @@ def start_state(app: Any, settings: ServiceSettings) -> None:
     app.state.scheduler = Scheduler(app.state.store, app.state.executor, settings)
     if settings.run_scheduler:
         app.state.scheduler.start()
+        if app.state.executor.warm is not None and settings.max_running > 0:  # jobs of one CPU worker start in a runner started now
+            threading.Thread(target=_start_runners, args=(app.state.executor.warm,), name="peftray-runners",
+                             daemon=True).start()
     # The first submission checks the adapter name in MLflow: import its client now, not in that request.
     threading.Thread(target=_warm_imports, name="peftray-warm-imports", daemon=True).start()
 
@@ -31,8 +35,17 @@ def _warm_imports() -> None:
     import mlflow.exceptions  # noqa: F401
 
 
+def _start_runners(pool) -> None:
+    try:
+        pool.warm()
+    except Exception:  # noqa: BLE001 - no Ray yet: the first warm job starts them
+        logging.getLogger("peftray.service").warning("could not start warm runners yet", exc_info=True)
+
+
 def stop_state(app: Any) -> None:
     app.state.scheduler.stop()
+    if app.state.executor.warm is not None:
+        app.state.executor.warm.close()
     app.state.store.close()
 
 

@@ -52,6 +52,7 @@ class Scheduler:
     def __init__(self, store: JobStore, executor: RayExecutor, settings: ServiceSettings):
         self.store, self.executor, self.settings = store, executor, settings
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._scanned: dict[str, float] = {}  # job id -> monotonic time its log was last read
 
@@ -59,8 +60,13 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="peftray-scheduler", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Run the next pass now (a job was submitted), not after the rest of `poll_s`."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
 
@@ -70,7 +76,8 @@ class Scheduler:
                 self.tick()
             except Exception:  # noqa: BLE001 - Ray or the database may blip; the next pass retries
                 log.exception("scheduler pass failed")
-            self._stop.wait(self.settings.poll_s)
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
 
     def tick(self) -> None:
         """One pass: reconcile every active job with Ray, then start queued jobs while the limits allow."""

@@ -66,6 +66,10 @@ class ServiceSettings:
     max_active_jobs_per_user: int = 8
     max_stored_bytes_per_user: int = 1 << 30
     max_file_bytes: int = 64 << 20
+    # one-CPU-worker jobs run in this many warm runner processes (`peftray.service.warm_pool`); 0: every job
+    # is a Ray job with Ray Train workers
+    warm_runners: int = 2
+    warm_idle_s: float = 600.0
 
     def policy(self) -> ReadPolicy:
         policy = self.read_policy or ReadPolicy(self.config.bucket, denied=_private_dirs(self.config, self.db_url))
@@ -96,6 +100,8 @@ class ServiceSettings:
             max_active_jobs_per_user=_int_env("PEFTRAY_SERVICE_MAX_ACTIVE_JOBS_PER_USER", 8),
             max_stored_bytes_per_user=_int_env("PEFTRAY_SERVICE_MAX_STORED_BYTES_PER_USER", 1 << 30),
             max_file_bytes=_int_env("PEFTRAY_SERVICE_MAX_FILE_BYTES", 64 << 20),
+            warm_runners=_int_env("PEFTRAY_SERVICE_WARM_RUNNERS", 2),
+            warm_idle_s=float(_int_env("PEFTRAY_SERVICE_WARM_IDLE_S", 600)),
         )
 
 

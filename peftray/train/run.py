@@ -86,18 +86,25 @@ def connect_ray(cfg: Config) -> None:
              include_dashboard=False, ignore_reinit_error=True)
 
 
-def preflight(spec: JobSpec, cfg: Config) -> str:
-    """Every check that needs no worker: resources, quantization, precision, tokenizer, data. Returns the
-    dataset fingerprint."""
-    import ray
+def preflight(spec: JobSpec, cfg: Config, cluster: bool = True) -> str:
+    """Every check that needs no worker: resources (`cluster`: for Ray Train's workers), quantization, precision,
+    tokenizer, data. Returns the dataset fingerprint."""
+    if cluster:
+        import ray
 
-    check_cluster(spec.resources, ray.cluster_resources())
+        check_cluster(spec.resources, ray.cluster_resources())
     check_quantization(spec)
     check_precision(spec)
     _, data = tokenizer_and_data(spec, resolve_base(spec, cfg), cfg)
     t = spec.training
     BatchPlan(len(data.train), t.batch_size, spec.resources.num_workers, t.gradient_accumulation_steps, t.seed).check()
     return data.fingerprint
+
+
+def in_process_eligible(spec: JobSpec) -> bool:
+    """Whether a warm runner may train `spec` in its own process: one worker, no accelerator."""
+    r = spec.resources
+    return r.num_workers == 1 and not r.use_gpu and not r.use_tpu
 
 
 def run_folder(spec: JobSpec, owner: str | None) -> tuple[str, str]:
@@ -134,7 +141,8 @@ def make_trainer(spec: JobSpec, cfg: Config, run_id: str | None, storage: str | 
 
 
 def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrides: list[str] = (),
-            job_id: str | None = None, owner: str | None = None, owner_is_admin: bool = False) -> TrainResult:
+            job_id: str | None = None, owner: str | None = None, owner_is_admin: bool = False,
+            in_process: bool = False, should_stop=None) -> TrainResult:
     """Train a job spec on Ray Train and register the adapter.
 
     Args:
@@ -145,6 +153,9 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
         owner: the user the job runs for (set by the service): with the job name and the spec fingerprint,
             the run's identity; and the owner of a new adapter name (`owner_is_admin`: any name may be
             written). None: an operator running `peftray train` with the stack's credentials.
+        in_process: train in this process (a warm runner's: `peftray.train.in_process`) instead of through
+            Ray Train; only for one CPU worker (`in_process_eligible`).
+        should_stop: with `in_process`, asked after every step; True cancels the job (`Cancelled`).
 
     Returns:
         The `TrainResult`: MLflow run id, registered model name + version, final metrics, adapter URI.
@@ -158,13 +169,17 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
     from peftray.registry.client import mlflow_client
     from peftray.registry.owners import check_owner
 
-    marks = {"driver_start": DRIVER_START, "run_job": time.time()}
+    now = time.time()  # a warm runner's process started long before this job: the job starts here
+    marks = {"driver_start": now if in_process else DRIVER_START, "run_job": now}
     spec = spec if isinstance(spec, JobSpec) else load_spec(spec, list(overrides))
     cfg = config or load_config()
     spec = _absolute_paths(spec)
-    connect_ray(cfg)
+    if in_process and not in_process_eligible(spec):
+        raise PeftrayError(f"job {spec.name} needs Ray Train (more than one worker, or an accelerator)")
+    if not in_process:
+        connect_ray(cfg)
     marks["ray_connected"] = time.time()
-    fingerprint = preflight(spec, cfg)
+    fingerprint = preflight(spec, cfg, cluster=not in_process)
     if owner is not None:  # fail before training, not after: the name may be someone else's
         check_owner(spec.model_name, owner, is_admin=owner_is_admin, action="register a new version of it",
                     config=cfg)
@@ -174,13 +189,26 @@ def run_job(spec: JobSpec | str | Path, config: Config | None = None, *, overrid
 
     run_id = open_run(client, spec, fingerprint, job_id, owner)
     marks["run_opened"] = time.time()
+    result = None
     try:
-        result = make_trainer(spec, cfg, run_id, owner=owner).fit()
+        if in_process:
+            from peftray.train.in_process import fit_in_process
+
+            prefix, name = run_folder(spec, owner)
+            result = fit_in_process(spec, cfg, run_id, f"{cfg.bucket}/{prefix}/{name}",
+                                    should_stop or (lambda: False))
+        else:
+            result = make_trainer(spec, cfg, run_id, owner=owner).fit()
         marks["fit_returned"] = time.time()
         out = _register(spec, cfg, run_id, result, fingerprint, (owner, owner_is_admin))
     except BaseException:
         close_run(client, run_id, ok=False)
         raise
+    finally:
+        if getattr(result, "workdir", None) is not None:
+            import shutil
+
+            shutil.rmtree(result.workdir, ignore_errors=True)
     close_run(client, run_id, ok=True)
     marks["done"] = time.time()
     out.extra["timings"] = {**marks, **out.extra.get("timings", {})}

@@ -12,8 +12,8 @@ def test_phases_are_consecutive_marks_and_missing_marks_skip_their_phase():
     marks = {"submit": 100.0, "driver_start": 102.0, "run_job": 104.5, "loop_start": 110.0, "built": 111.0,
              "registered": 115.0, "seen_done": 116.0}
     got = phases.phases_of(marks)
-    assert got == {"queue + Ray Jobs start of the driver": 2.0, "driver imports (python, torch, peftray)": 2.5,
-                   "model and data load": 1.0}
+    assert list(got.values()) == [2.0, 2.5, 1.0]
+    assert [n for n, a, _ in phases.PHASES if a in ("submit", "driver_start", "loop_start")] == list(got)
     assert all(a != b for _, a, b in phases.PHASES)
 
 

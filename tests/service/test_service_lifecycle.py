@@ -1,6 +1,8 @@
 """Real tiny jobs through a real service process (job store on PostgreSQL), real Ray, MLflow and S3.
 
 One service for the module: at most 2 jobs at once, 1 per user, so a user's second job waits in the queue.
+No warm runners: these are the Ray Jobs + Ray Train path's tests (multi-worker jobs take it);
+tests/service/test_warm_runners.py has the warm path's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def ray_service(stack, tmp_path_factory, pg_url):
     folder = tmp_path_factory.mktemp("svc-ray")
     holder = {"folder": folder, "db_url": pg_url,
-              "svc": launch(stack, folder, db_url=pg_url, max_running=2, max_running_per_user=1)}
+              "svc": launch(stack, folder, db_url=pg_url, max_running=2, max_running_per_user=1,
+                          warm_runners=0)}
     yield holder
     holder["svc"].stop()
 
@@ -196,7 +199,7 @@ def test_restart_while_running_keeps_tracking(stack, ray_service, clients, tiny_
         time.sleep(0.1)
     assert str(_ray_client(stack).get_job_info(f"peftray-{job['id']}").status.value) in ("PENDING", "RUNNING")
     new = launch(stack, ray_service["folder"], admin_token=old.admin_token, db_url=ray_service["db_url"],
-                 max_running=2, max_running_per_user=1)
+                 max_running=2, max_running_per_user=1, warm_runners=0)
     ray_service["svc"] = new
     again = ServiceClient(new.url, alice.http.headers["authorization"].split()[1])
     done = _wait(again, job["id"], lambda j: j["state"] in TERMINAL)
