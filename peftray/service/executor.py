@@ -29,12 +29,13 @@ class RayExecutor:
         self.settings = settings
         self.config = settings.config
         self._client = None
+        self._fs = None
         self._lock = threading.Lock()
         self.warm = None
         if settings.warm_runners > 0:
             from peftray.service.warm_pool import WarmPool
 
-            self.warm = WarmPool(settings, self.spec_uri, self.result_uri)
+            self.warm = WarmPool(settings, self.spec_uri, self.result_uri, self.fs)
 
     @property
     def client(self):
@@ -53,6 +54,14 @@ class RayExecutor:
                 self._client = JobSubmissionClient(self.config.ray_dashboard_url, headers=headers)
             return self._client
 
+    def fs(self):
+        """One s3fs filesystem for the service's calls (a new one costs a client's set-up, ~0.1-0.3 s): the
+        scheduler reads and writes a few objects per job and pass."""
+        with self._lock:
+            if self._fs is None:
+                self._fs = self.config.s3fs()
+            return self._fs
+
     @staticmethod
     def submission_id(job_id: str) -> str:
         """Ray's id for a peftray job; deterministic, so a restarted service finds (and never re-runs) it."""
@@ -67,7 +76,7 @@ class RayExecutor:
 
     def read_result(self, job_id: str) -> dict[str, Any] | None:
         """The job's result record, or None if the driver wrote none."""
-        fs = self.config.s3fs()
+        fs = self.fs()
         fs.invalidate_cache()
         try:
             value = json.loads(fs.cat_file(self.result_uri(job_id)[len("s3://"):]))
@@ -99,13 +108,13 @@ class RayExecutor:
         if self.warm is None:  # a job handed to warm runners before this service's restart without them
             from peftray.service.warm_pool import WarmPool
 
-            self.warm = WarmPool(self.settings, self.spec_uri, self.result_uri)
+            self.warm = WarmPool(self.settings, self.spec_uri, self.result_uri, self.fs)
         return self.warm
 
     def submit(self, job_id: str, owner: str, spec: dict[str, Any], owner_is_admin: bool = False) -> str:
         """Store the spec at `spec_uri(job_id)` and start the job: on a warm runner when it needs one CPU worker
         and the service keeps runners, else as a Ray job. Returns the job's Ray-side id."""
-        fs = self.config.s3fs()
+        fs = self.fs()
         fs.pipe_file(self.spec_uri(job_id)[len("s3://"):], json.dumps(spec, indent=1).encode())
         if self.warm is not None:
             from peftray.jobspec import JobSpec

@@ -68,8 +68,9 @@ def _state_to_ray(state: str) -> str:
 class WarmPool:
     """The service's warm runners; methods mirror `RayExecutor`'s (submit, info, stop, logs) for warm jobs."""
 
-    def __init__(self, settings: ServiceSettings, spec_uri, result_uri):
+    def __init__(self, settings: ServiceSettings, spec_uri, result_uri, fs):
         self.settings, self.config = settings, settings.config
+        self._fs = fs  # () -> the executor's s3fs filesystem
         # no more runners than jobs may run at once (a user's jobs beyond that queue on their runners)
         self.size = min(settings.warm_runners, settings.max_running or settings.warm_runners)
         self._spec_uri, self._result_uri = spec_uri, result_uri
@@ -206,7 +207,7 @@ class WarmPool:
         raise RuntimeError("no warm runner could take the job (they died while starting)")
 
     def _store_assignment(self, job_id: str, name: str) -> None:
-        fs = self.config.s3fs()
+        fs = self._fs()
         fs.pipe_file(f"{self.config.bucket}/jobs/{job_id}/runner-name", name.encode())
 
     def _runner_of(self, job_id: str) -> _Runner | None:
@@ -216,7 +217,7 @@ class WarmPool:
             name = job.runner if job else None
         if name is None:
             try:
-                fs = self.config.s3fs()
+                fs = self._fs()
                 fs.invalidate_cache()
                 name = fs.cat_file(f"{self.config.bucket}/jobs/{job_id}/runner-name").decode()
             except FileNotFoundError:
@@ -239,7 +240,7 @@ class WarmPool:
     def _stored_end(self, job_id: str) -> dict[str, Any] | None:
         from peftray.train.warm import status_uri
 
-        fs = self.config.s3fs()
+        fs = self._fs()
         fs.invalidate_cache()
         try:
             value = json.loads(fs.cat_file(status_uri(self.config.bucket, job_id)[len("s3://"):]))
@@ -347,7 +348,7 @@ class WarmPool:
             text = ""
         body = {"state": "STOPPED", "message": f"cancelled on request; its runner was stopped after "
                                                 f"{CANCEL_GRACE_S:.0f} s", "log": text}
-        self.config.s3fs().pipe_file(status_uri(self.config.bucket, job_id)[len("s3://"):], json.dumps(body).encode())
+        self._fs().pipe_file(status_uri(self.config.bucket, job_id)[len("s3://"):], json.dumps(body).encode())
         with self._lock:
             self._retire(runner)
             others = [j for j in runner.jobs if j != job_id]

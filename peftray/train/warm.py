@@ -68,6 +68,7 @@ class RunnerCore:
         self._cancelled: set[str] = set()
         self._busy = 0  # jobs accepted and not ended
         self._spent = False  # a job failed here: run nothing more in this process
+        self._fs = None
         self.idle_s = idle_s
         self._last_active = time.monotonic()
         self.started_at = time.time()
@@ -159,10 +160,8 @@ class RunnerCore:
             print(f"peftray: job {job_id} runs in warm runner pid {os.getpid()}", flush=True)
             result = run_job(spec_uri, job_id=job_id, owner=owner, owner_is_admin=owner_is_admin, in_process=True,
                              should_stop=lambda: job_id in self._cancelled)
-            from peftray.train.__main__ import write_record
-
             record = json.dumps(result.to_dict(), default=str)
-            write_record(result_uri, record)
+            self._storage().pipe_file(result_uri[len("s3://"):], record.encode())  # one PUT: atomic
             print("PEFTRAY_RESULT " + record, flush=True)
             state = SUCCEEDED
         except Cancelled as exc:
@@ -185,12 +184,18 @@ class RunnerCore:
                 self._last_active = time.monotonic()
         return state
 
-    def _store(self, bucket: str, job_id: str, entry: dict[str, Any]) -> None:
-        try:
+    def _storage(self):
+        """This runner's s3fs filesystem, made once (a new one costs a client's set-up)."""
+        if self._fs is None:
             from peftray.endpoints import load_config
 
+            self._fs = load_config().s3fs()
+        return self._fs
+
+    def _store(self, bucket: str, job_id: str, entry: dict[str, Any]) -> None:
+        try:
             body = {"state": entry["state"], "message": entry["message"], "log": "".join(entry["log"])}
-            load_config().s3fs().pipe_file(status_uri(bucket, job_id)[len("s3://"):], json.dumps(body).encode())
+            self._storage().pipe_file(status_uri(bucket, job_id)[len("s3://"):], json.dumps(body).encode())
         except Exception:  # noqa: BLE001 - the service still asks this runner while it lives
             traceback.print_exc()
 

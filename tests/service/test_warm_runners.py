@@ -119,7 +119,7 @@ def test_cancelling_one_job_leaves_the_others_running(warm, tiny_model):
 def test_a_runner_killed_from_outside_resumes_its_job_from_the_newest_checkpoint(warm, tiny_model):
     svc, admin, users, _ = warm
     bob = users["bob"]
-    job = bob.submit(tiny_spec(_name("kill"), tiny_model, training={"max_steps": 40, "checkpoint_every": 5,
+    job = bob.submit(tiny_spec(_name("kill"), tiny_model, training={"max_steps": 300, "checkpoint_every": 5,
                                                                     "max_failures": 1}))
     _wait(bob, job["id"], lambda j: (j.get("progress") or {}).get("step", 0) >= 12, "trained 12 steps")
     pid = _runner_pid(bob, job["id"])
@@ -149,7 +149,7 @@ def test_a_service_restarted_while_a_warm_job_runs_finds_it_and_records_its_end(
 
     old, admin, users, folder = warm
     alice = users["alice"]
-    job = alice.submit(tiny_spec(_name("restart"), tiny_model, training={"max_steps": 30}))
+    job = alice.submit(tiny_spec(_name("restart"), tiny_model, training={"max_steps": 300}))
     _wait(alice, job["id"], lambda j: (j.get("progress") or {}).get("step", 0) >= 1, "trained a step")
     os.kill(old.proc.pid, signal.SIGKILL)  # no graceful shutdown: as after a crash
     deadline = time.monotonic() + 10
