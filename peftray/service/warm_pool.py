@@ -190,8 +190,8 @@ class WarmPool:
         for _ in range(4):
             runner = self._pick(job.owner)
             try:
-                if not self._call(runner, "accept", job_id, timeout=START_S):
-                    self._drop(runner)  # spent (a job failed there): it finishes its queue and idles out
+                if not self._call(runner, "accept", job_id, job.owner, timeout=START_S):
+                    self._drop(runner)  # spent (a job failed there), or another owner's: not used again
                     continue
             except Exception:  # noqa: BLE001 - died or cannot start: try another
                 self._retire(runner)
@@ -234,6 +234,12 @@ class WarmPool:
             except ValueError:
                 return _Runner(name, None, dead=True)
             runner = _Runner(name, handle)
+            try:  # found again after a restart: it keeps working for its owner only
+                runner.owner = self._call(runner, "ready")["owner"]
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                runner.dead = True
+                return runner
+            runner.jobs.append(job_id)
             self._runners[name] = runner
             return runner
 

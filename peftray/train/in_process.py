@@ -76,7 +76,10 @@ def _prune(root: str, fs) -> None:
     folders = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and checkpoint.step_of(i.path) >= 0),
                      key=checkpoint.step_of, reverse=True)
     for old in folders[KEEP:]:
-        fs.delete_dir(old)
+        try:
+            fs.delete_dir(old)
+        except FileNotFoundError:  # gone already (a listing can show a folder whose files were just deleted)
+            pass
 
 
 @contextlib.contextmanager

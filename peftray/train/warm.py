@@ -69,6 +69,7 @@ class RunnerCore:
         self._busy = 0  # jobs accepted and not ended
         self._spent = False  # a job failed here: run nothing more in this process
         self._fs = None
+        self._owner: str | None = None
         self.idle_s = idle_s
         self._last_active = time.monotonic()
         self.started_at = time.time()
@@ -101,12 +102,13 @@ class RunnerCore:
                 while entry["chars"] > LOG_CHARS and len(entry["log"]) > 1:
                     entry["chars"] -= len(entry["log"].pop(0))
 
-    def accept(self, job_id: str) -> bool:
+    def accept(self, job_id: str, owner: str) -> bool:
         """Take `job_id` into this runner's queue (before `run` is called for it); False if it runs no more
-        jobs (one failed here, or it is retiring)."""
+        jobs (one failed here) or works for another owner (the first job's decides)."""
         with self._lock:
-            if self._spent:
+            if self._spent or self._owner not in (None, owner):
                 return False
+            self._owner = owner
             if job_id not in self._jobs:
                 self._jobs[job_id] = {"state": PENDING, "message": None, "log": [], "chars": 0}
                 self._busy += 1
@@ -132,7 +134,7 @@ class RunnerCore:
 
     def load(self) -> dict[str, Any]:
         with self._lock:
-            return {"busy": self._busy, "spent": self._spent, "pid": os.getpid(),
+            return {"busy": self._busy, "spent": self._spent, "pid": os.getpid(), "owner": self._owner,
                     "idle_s": 0.0 if self._busy else time.monotonic() - self._last_active}
 
     def idle_too_long(self) -> bool:
@@ -147,6 +149,9 @@ class RunnerCore:
         from peftray.train.run import run_job
 
         with self._lock:
+            if self._owner not in (None, owner):  # never: the service places by owner; refused all the same
+                return FAILED
+            self._owner = owner
             if job_id not in self._jobs:  # accepted before a failure made this runner spent: it runs still
                 self._jobs[job_id] = {"state": PENDING, "message": None, "log": [], "chars": 0}
                 self._busy += 1
@@ -228,8 +233,8 @@ def runner_actor_class():
             return self.core.load()
 
         @ray.method(concurrency_group="io")
-        def accept(self, job_id: str) -> bool:
-            return self.core.accept(job_id)
+        def accept(self, job_id: str, owner: str) -> bool:
+            return self.core.accept(job_id, owner)
 
         @ray.method(concurrency_group="io")
         def status(self, job_id: str) -> dict[str, Any] | None:

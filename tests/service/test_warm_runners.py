@@ -136,12 +136,15 @@ def test_a_failing_job_fails_with_its_reason_and_retires_its_runner(warm, tiny_m
     svc, admin, users, _ = warm
     bob = users["bob"]
     broken = tmp_path.parent / f"broken-{uuid.uuid4().hex[:6]}.jsonl"
-    broken.write_text('{"instruction": "a", "response": "b"}\n' * 3)  # too few rows for batch 4 + eval
-    job = bob.submit(tiny_spec(_name("bad"), tiny_model, dataset={"source": str(broken)},
-                               training={"batch_size": 8}))
+    broken.write_text('{"question": "a", "answer": "b"}\n' * 8)  # not the columns the spec names
+    job = bob.submit(tiny_spec(_name("bad"), tiny_model, dataset={"source": str(broken)}))
     done = _wait(bob, job["id"], _ended, "ended")
-    assert done["state"] == "failed"
-    assert "batch" in (done.get("error") or "").lower(), done.get("error")
+    assert done["state"] == "failed" and done["model_version"] is None
+    assert "`dataset.prompt_field`" in done["error"] and "question, answer" in done["error"], done["error"]
+    # what a failed job left in its process is not the next job's: bob's next job runs in another process
+    after = bob.submit(tiny_spec(_name("next"), tiny_model))
+    assert _wait(bob, after["id"], _ended, "ended")["state"] == "succeeded"
+    assert _runner_pid(bob, after["id"]) != _runner_pid(bob, job["id"])
 
 
 def test_a_service_restarted_while_a_warm_job_runs_finds_it_and_records_its_end(warm, tiny_model, stack):
