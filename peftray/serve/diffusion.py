@@ -15,6 +15,7 @@ that has taken its last step is decoded by the VAE and leaves.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from peftray.adapters import io as adapter_io
 from peftray.adapters.diffusers_lora import TEXT_ENCODER_DIR
 from peftray.errors import AdapterFormatError, ConfigError
 from peftray.serve.engine_queue import EngineQueue
-from peftray.serve.slots import AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_modules
+from peftray.serve.slots import (AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_modules,
+                                 internal_name)
 from peftray.serve.watch import field_error
 
 BASE = "__base__"
@@ -92,6 +95,13 @@ class DiffusionEngine(EngineQueue, LoraHost):
         self.base = pipeline.unet.eval()
         self.peft = None
         self._dormant: Optional[str] = None
+        # text-encoder halves of adapters (their folders' text_encoder/): one PeftModel around the pipeline's
+        # text encoder, made on the first; `_te_adapters` the loaded ones, `_te_pending` read, not yet loaded
+        self.te_peft = None
+        self._te_dormant: Optional[str] = None
+        self._te_adapters: dict[str, str] = {}  # slot's internal name -> its adapter name in te_peft
+        self._te_pending: dict[str, tuple] = {}
+        self._te_loads = 0
         self.device, self.dtype = self.base.device, self.base.dtype
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.sizes = sizes or [f"{self.native_size}x{self.native_size}"]
@@ -151,13 +161,72 @@ class DiffusionEngine(EngineQueue, LoraHost):
         check_modules(key, config, state, self.base, "UNet")
 
     def check_folder(self, key: str, folder) -> None:
-        # a text_to_image job with adapter.text_encoder_target_modules saves its text encoder's LoRA in text_encoder/;
-        # the engine encodes every prompt with one shared text encoder, so serving only the UNet half would be wrong
-        if (folder / TEXT_ENCODER_DIR / "adapter_config.json").is_file():
-            raise AdapterFormatError(f"adapter {key!r} (the request's `model`) also adapts the text encoder "
-                                     "(its folder has text_encoder/adapter_config.json); text-to-image deployments "
-                                     "serve UNet-only LoRA adapters. Load it with diffusers' "
-                                     "pipeline.load_lora_weights, or train without adapter.text_encoder_target_modules.")
+        """A text_to_image job with `adapter.text_encoder_target_modules` saves its text encoder's LoRA in
+        `text_encoder/`: read and check it here; `add_lora` loads it beside the UNet's under the same name."""
+        from peftray.tuners.config import PeftType
+
+        te = folder / TEXT_ENCODER_DIR
+        if not (te / "adapter_config.json").is_file():
+            return
+        config, state = adapter_io.read_adapter(str(te))
+        if config.peft_type != PeftType.LORA:
+            raise AdapterFormatError(f"adapter {key!r} (the request's `model`): its text_encoder/ part is "
+                                     f"{config.peft_type.value}; text-to-image deployments serve LoRA only.")
+        check_modules(key, config, state, self.pipe.text_encoder, "text encoder")
+        self._te_pending[internal_name(key)] = (config, state)
+
+    def add_lora(self, internal: str, config, state: dict) -> None:
+        te = self._te_pending.pop(internal, None)
+        LoraHost.add_lora(self, internal, config, state)
+        if te is None:
+            return
+        try:
+            self._add_text_encoder_lora(internal, *te)
+        except BaseException:
+            LoraHost.remove_lora(self, internal)  # all of the adapter or none of it
+            raise
+
+    def _add_text_encoder_lora(self, internal: str, config, state: dict) -> None:
+        from peftray.task_models import PeftModel
+
+        with self._model_lock:
+            name = internal  # the dormant adapter may hold the name (the same key loaded again): use a fresh one
+            while self.te_peft is not None and name in self.te_peft.peft_config:
+                self._te_loads += 1
+                name = f"{internal}_{self._te_loads}"
+            if self.te_peft is None:
+                self.te_peft = PeftModel.from_pretrained(self.pipe.text_encoder, (config, state), adapter_name=name,
+                                                         on_base_mismatch="ignore", autocast_adapter_dtype=False).eval()
+            else:
+                self.te_peft.load_adapter((config, state), adapter_name=name, on_base_mismatch="ignore",
+                                          autocast_adapter_dtype=False)
+            if self._te_dormant is not None:
+                self.te_peft.delete_adapter(self._te_dormant)
+                self._te_dormant = None
+            self._te_adapters[internal] = name
+
+    def remove_lora(self, internal: str) -> None:
+        LoraHost.remove_lora(self, internal)
+        with self._model_lock:
+            name = self._te_adapters.pop(internal, None)
+            if name is None:
+                return
+            if len(self.te_peft.peft_config) == 1:
+                self._te_dormant = name  # a PeftModel keeps one adapter; prompts skip it (not in _te_adapters)
+            else:
+                self.te_peft.delete_adapter(name)
+
+    def _encode(self, group: "_Group"):
+        """(positive, negative) prompt embeddings, through the group's text-encoder LoRA when it has one (a group's
+        prompt is encoded once, when it starts: one adapter at a time is exact, and cheap beside the steps)."""
+        p, pipe = group.params, self.pipe
+        internal = group.adapter.internal if group.adapter is not None else None
+        if self.te_peft is None or internal not in self._te_adapters:
+            ctx = self.te_peft.disable_adapter() if self.te_peft is not None else contextlib.nullcontext()
+            with ctx:
+                return pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
+        self.te_peft.set_adapter(self._te_adapters[internal])
+        return pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
 
     def prompt_tensors(self, config, state: dict):
         raise AdapterFormatError("prompt-learning adapters have no meaning for a UNet; serve a LoRA adapter.")
@@ -255,7 +324,7 @@ class DiffusionEngine(EngineQueue, LoraHost):
             return
         group.generator = torch.Generator(device="cpu").manual_seed(
             p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        positive, negative = pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
+        positive, negative = self._encode(group)
         group.embeds = torch.cat([negative, positive]) if group.guided else positive
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         scheduler.set_timesteps(p.steps, device=self.device)

@@ -33,6 +33,25 @@ def make_unet_lora(tiny_sd: Path, out: Path, seed: int, r: int = 4) -> Path:
     return out
 
 
+def make_te_lora(tiny_sd: Path, out: Path, seed: int) -> Path:
+    """A text_to_image adapter folder with a text-encoder half (`text_encoder/`, and `text_encoder.` tensors in
+    pytorch_lora_weights.safetensors), as a job with adapter.text_encoder_target_modules saves it; random B."""
+    from peftray.jobspec import load_spec
+    from peftray.train.local import build_local
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = load_spec(repo / "jobs" / "tiny-sd-lora.yaml", [f"base_model.path={tiny_sd}", "training.max_steps=1",
+                     "adapter.text_encoder_target_modules=[q_proj, k_proj, v_proj, out_proj]"])
+    model = build_local(spec).model
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
 def diffusers_images(tiny_sd: Path, adapter: Path | None, prompt: str = PROMPT, *, seed: int, steps: int = 4,
                      guidance: float = 7.5, n: int = 1, negative: str | None = None, output_type: str = "np"):
     """What diffusers' StableDiffusionPipeline makes, after `load_lora_weights(adapter)` when one is given."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from image_helpers import PROMPT, diffusers_images, make_unet_lora
+from image_helpers import PROMPT, diffusers_images, make_te_lora, make_unet_lora
 from peftray.errors import AdapterFormatError, ConfigError
 
 STEPS = 4
@@ -109,3 +109,29 @@ def test_a_unet_adapter_is_refused_by_the_text_engine(adapters, tiny_model):
         assert text.loaded_adapters() == [] and text.peft is None
     finally:
         text.close()
+
+
+def test_an_adapter_with_a_text_encoder_half_draws_what_diffusers_draws(tiny_sd, tmp_path):
+    """Its prompt goes through its text-encoder LoRA, as after diffusers' `load_lora_weights(folder)` (which
+    loads both halves), also beside a UNet-only adapter and the base in one batch; evicted, both halves go."""
+    from peftray.serve.diffusion import DiffusionEngine, load_pipeline
+
+    te_folder = make_te_lora(tiny_sd, tmp_path / "te", seed=7)
+    unet_only = make_unet_lora(tiny_sd, tmp_path / "unet-only", seed=8)
+    eng = DiffusionEngine(load_pipeline(str(tiny_sd), "cpu", torch.float32), max_batch_size=12, max_adapters=2)
+    try:
+        te, plain = eng.slots.acquire("te", te_folder), eng.slots.acquire("plain", unet_only)
+        rows = eng.generate_many([(_params(9), te), (_params(9), plain), (_params(9), None)])
+        np.testing.assert_allclose(rows[0], diffusers_images(tiny_sd, te_folder, seed=9, steps=STEPS), atol=1e-4)
+        np.testing.assert_allclose(rows[1], diffusers_images(tiny_sd, unet_only, seed=9, steps=STEPS), atol=1e-4)
+        np.testing.assert_allclose(rows[2], diffusers_images(tiny_sd, None, seed=9, steps=STEPS), atol=1e-4)
+        for slot in (te, plain):
+            eng.slots.release(slot)
+        eng.slots.release(eng.slots.acquire("plain", unet_only))  # most recently used: "te" goes next
+        eng.slots.acquire("other", make_unet_lora(tiny_sd, tmp_path / "other", seed=10))
+        assert "te" not in eng.loaded_adapters() and eng.te_peft is not None
+        np.testing.assert_allclose(eng.generate(_params(9), None), rows[2], atol=1e-5)  # no half left behind
+        again = eng.slots.acquire("te", te_folder)  # loads back into the dormant text-encoder PeftModel
+        np.testing.assert_allclose(eng.generate(_params(9), again), rows[0], atol=1e-5)
+    finally:
+        eng.close()

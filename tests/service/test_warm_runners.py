@@ -97,6 +97,10 @@ def test_a_job_runs_on_a_warm_runner_and_registers_with_its_own_run(warm, tiny_m
         ended = _wait(client, job["id"], _ended, "ended")
         assert ended["state"] == "succeeded", ended.get("error")
     assert _runner_pid(alice, second["id"]) == _runner_pid(alice, first["id"])
+    # ... and trains the same numbers there as a fresh process did (the spec differs only in name and checkpoints)
+    again = alice.get(second["id"])
+    assert again["metrics"]["loss"] == pytest.approx(done["metrics"]["loss"], abs=1e-6)
+    assert again["metrics"]["eval_loss"] == pytest.approx(done["metrics"]["eval_loss"], abs=1e-6)
     assert _runner_pid(users["bob"], other["id"]) != _runner_pid(alice, first["id"])
 
 
