@@ -243,7 +243,10 @@ def _resumed(client, run_id) -> list[float]:
 
 def test_run_identity_is_owner_name_and_spec(stack, ray_session, tiny_model, unique_name):
     """Issue 14 item 2: another user's job of the same name, or the same name with a changed spec, never
-    resumes a checkpoint or MLflow run that is not its own; nor does it write into another user's adapter."""
+    resumes a checkpoint or MLflow run that is not its own; nor does it write into another user's adapter.
+
+    The first runs train in this process (`in_process=True`, as a warm runner of the service does), the last
+    through Ray Train: it resumes the checkpoint the in-process run stored, so both paths share run folders."""
     from peftray.errors import ForbiddenError
     from peftray.registry import fetch, list_versions
     from peftray.train import run_job
@@ -251,25 +254,26 @@ def test_run_identity_is_owner_name_and_spec(stack, ray_session, tiny_model, uni
 
     spec = _tiny_spec(tiny_model, unique_name, "training.max_steps=2", "training.checkpoint_every=1",
                       "training.eval_every=null", "resources.num_workers=1")
-    alice = run_job(spec, stack, owner="alice")
+    alice = run_job(spec, stack, owner="alice", in_process=True)
     client = _client(stack)
     # bob, same name and the very spec: alice's adapter name is not his to write (refused before training)
     with pytest.raises(ForbiddenError, match="belongs to 'alice'"):
-        run_job(spec, stack, owner="bob")
+        run_job(spec, stack, owner="bob", in_process=True)
     assert find_run(client, unique_name, owner="bob") is None
     # carol, an admin, may write it: her run is her own, trained from step 0, not resumed from alice's checkpoint
-    carol = run_job(spec, stack, owner="carol", owner_is_admin=True)
+    carol = run_job(spec, stack, owner="carol", owner_is_admin=True, in_process=True)
     assert carol.run_id != alice.run_id and _resumed(client, carol.run_id) == []
     known = {v.version for v in list_versions(spec.model_name, config=stack)}
     # alice again, a changed spec under the same name: a new run trained from step 0, a new version
     changed = spec.model_copy(update={"training": spec.training.model_copy(update={"learning_rate": 3e-2})})
-    again = run_job(changed, stack, owner="alice")
+    again = run_job(changed, stack, owner="alice", in_process=True)
     assert again.run_id != alice.run_id and _resumed(client, again.run_id) == [] and again.version not in known
     assert client.get_run(again.run_id).data.params["training.learning_rate"] == "0.03"
     first = (fetch(f"{spec.model_name}/1", config=stack) / "adapter_model.safetensors").read_bytes()
     second = (fetch(f"{spec.model_name}/{again.version}", config=stack) / "adapter_model.safetensors").read_bytes()
     assert first != second
-    # alice, the first spec once more: her own run and checkpoint, resumed after its last step; nothing new
+    # alice, the first spec once more, through Ray Train: her own run and the checkpoint her in-process run
+    # stored, resumed after its last step; nothing new
     same = run_job(spec, stack, owner="alice")
     assert same.run_id == alice.run_id and same.version == 1 and _resumed(client, alice.run_id) == [2.0]
 
