@@ -328,7 +328,7 @@ class WarmPool:
                     return True
                 job.cancelled = True
         try:
-            state = self._call(runner, "cancel", job_id)
+            state = self._call(runner, "cancel", job_id, self.config.bucket)
         except Exception:  # noqa: BLE001
             return False
         if state == "RUNNING":

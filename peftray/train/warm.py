@@ -61,7 +61,7 @@ class _JobOutput(io.TextIOBase):
 class RunnerCore:
     """Jobs run one at a time by `run`; `status`, `logs`, `cancel` answer from other threads meanwhile."""
 
-    def __init__(self, idle_s: float = 600.0):
+    def __init__(self, idle_s: float = 600.0, capture: bool = True):
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._current: str | None = None
@@ -73,8 +73,9 @@ class RunnerCore:
         self.idle_s = idle_s
         self._last_active = time.monotonic()
         self.started_at = time.time()
-        sys.stdout = _JobOutput(sys.stdout, self)
-        sys.stderr = _JobOutput(sys.stderr, self)
+        if capture:  # a runner's whole output is its jobs' logs
+            sys.stdout = _JobOutput(sys.stdout, self)
+            sys.stderr = _JobOutput(sys.stderr, self)
 
     @staticmethod
     def warm_up() -> None:
@@ -125,12 +126,22 @@ class RunnerCore:
             entry = self._jobs.get(job_id)
             return None if entry is None else "".join(entry["log"])
 
-    def cancel(self, job_id: str) -> str | None:
-        """Stop `job_id` after its current step (or before it starts). Returns its state, None if unknown."""
+    def cancel(self, job_id: str, bucket: str | None = None) -> str | None:
+        """Stop `job_id`: one still queued here at once (it will not run), a running one after its current step.
+        Returns its state before the call, None if unknown."""
         with self._lock:
             self._cancelled.add(job_id)
             entry = self._jobs.get(job_id)
-            return None if entry is None else entry["state"]
+            if entry is None:
+                return None
+            state = entry["state"]
+            if state == PENDING:
+                entry["state"], entry["message"] = STOPPED, "cancelled on request before it started"
+                self._busy -= 1
+                self._last_active = time.monotonic()
+        if state == PENDING and bucket is not None:
+            self._store(bucket, job_id, entry)
+        return state
 
     def load(self) -> dict[str, Any]:
         with self._lock:
@@ -156,6 +167,8 @@ class RunnerCore:
                 self._jobs[job_id] = {"state": PENDING, "message": None, "log": [], "chars": 0}
                 self._busy += 1
             entry = self._jobs[job_id]
+            if entry["state"] == STOPPED:  # cancelled while it waited here
+                return STOPPED
             self._current = job_id
             entry["state"] = RUNNING
         state, message = FAILED, None
@@ -245,8 +258,8 @@ def runner_actor_class():
             return self.core.logs(job_id)
 
         @ray.method(concurrency_group="io")
-        def cancel(self, job_id: str) -> str | None:
-            return self.core.cancel(job_id)
+        def cancel(self, job_id: str, bucket: str) -> str | None:
+            return self.core.cancel(job_id, bucket)
 
         @ray.method(concurrency_group="jobs")
         def run(self, job_id: str, spec_uri: str, result_uri: str, owner: str, owner_is_admin: bool,
