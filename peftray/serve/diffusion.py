@@ -219,14 +219,15 @@ class DiffusionEngine(EngineQueue, LoraHost):
     def _encode(self, group: "_Group"):
         """(positive, negative) prompt embeddings, through the group's text-encoder LoRA when it has one (a group's
         prompt is encoded once, when it starts: one adapter at a time is exact, and cheap beside the steps)."""
-        p, pipe = group.params, self.pipe
-        internal = group.adapter.internal if group.adapter is not None else None
-        if self.te_peft is None or internal not in self._te_adapters:
-            ctx = self.te_peft.disable_adapter() if self.te_peft is not None else contextlib.nullcontext()
-            with ctx:
-                return pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
-        self.te_peft.set_adapter(self._te_adapters[internal])
-        return pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
+        p = group.params
+        name = self._te_adapters.get(group.adapter.internal) if group.adapter is not None else None
+        ctx = contextlib.nullcontext()
+        if name is not None:
+            self.te_peft.set_adapter(name)
+        elif self.te_peft is not None:
+            ctx = self.te_peft.disable_adapter()
+        with ctx:
+            return self.pipe.encode_prompt(p.prompt, self.device, p.n, group.guided, p.negative_prompt)
 
     def prompt_tensors(self, config, state: dict):
         raise AdapterFormatError("prompt-learning adapters have no meaning for a UNet; serve a LoRA adapter.")

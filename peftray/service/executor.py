@@ -35,7 +35,7 @@ class RayExecutor:
         if settings.warm_runners > 0:
             from peftray.service.warm_pool import WarmPool
 
-            self.warm = WarmPool(settings, self.spec_uri, self.result_uri, self.fs)
+            self.warm = WarmPool(settings, self)
 
     @property
     def client(self):
@@ -108,7 +108,7 @@ class RayExecutor:
         if self.warm is None:  # a job handed to warm runners before this service's restart without them
             from peftray.service.warm_pool import WarmPool
 
-            self.warm = WarmPool(self.settings, self.spec_uri, self.result_uri, self.fs)
+            self.warm = WarmPool(self.settings, self)
         return self.warm
 
     def submit(self, job_id: str, owner: str, spec: dict[str, Any], owner_is_admin: bool = False) -> str:

@@ -68,12 +68,14 @@ def _state_to_ray(state: str) -> str:
 class WarmPool:
     """The service's warm runners; methods mirror `RayExecutor`'s (submit, info, stop, logs) for warm jobs."""
 
-    def __init__(self, settings: ServiceSettings, spec_uri, result_uri, fs):
+    def __init__(self, settings: ServiceSettings, executor):
+        """`executor`: the service's `RayExecutor`, whose spec and result URIs, s3fs filesystem and job
+        environment (`runtime_env`: endpoints, no secrets) the runners share."""
         self.settings, self.config = settings, settings.config
-        self._fs = fs  # () -> the executor's s3fs filesystem
+        self._executor = executor
+        self._fs = executor.fs
         # no more runners than jobs may run at once (a user's jobs beyond that queue on their runners)
         self.size = min(settings.warm_runners, settings.max_running or settings.warm_runners)
-        self._spec_uri, self._result_uri = spec_uri, result_uri
         self._lock = threading.RLock()
         self._runners: dict[str, _Runner] = {}
         self._jobs: dict[str, _Job] = {}
@@ -83,30 +85,20 @@ class WarmPool:
     def _connect(self) -> None:
         if self._connected:
             return
-        import ray
+        from peftray.train.run import connect_ray
 
-        from peftray.endpoints import keep_loopback_ray
-
-        self.config.apply_env()
-        if not ray.is_initialized():
-            address = self.config.ray_address
-            keep_loopback_ray(address)
-            # no log_to_driver: the runners' output is the jobs' logs, not the service's
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, include_dashboard=False,
-                     ignore_reinit_error=True)
+        # no log_to_driver: the runners' output is the jobs' logs, not the service's
+        connect_ray(self.config, namespace=NAMESPACE, log_to_driver=False)
         self._connected = True
 
     def _start_runner(self) -> _Runner:
-        from peftray.endpoints import ray_train_env
         from peftray.train.warm import runner_actor_class
 
-        env = {k: v for k, v in self.config.public_env().items() if k != "PEFTRAY_SERVICE_URL"}
-        env.update({"PYTHONUNBUFFERED": "1", **ray_train_env()})
         name = f"peftray-runner-{uuid.uuid4().hex[:12]}"
         # num_cpus=0: the service's max_running admits jobs; the runner takes its job's threads itself
         handle = runner_actor_class().options(
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-            runtime_env={"env_vars": env}).remote(self.settings.warm_idle_s)
+            runtime_env=self._executor.runtime_env()).remote(self.settings.warm_idle_s)
         runner = _Runner(name, handle)
         self._runners[name] = runner
         return runner
@@ -120,22 +112,6 @@ class WarmPool:
             live = [r for r in self._runners.values() if not r.dead]
             for _ in range(self.size - len(live)):
                 self._start_runner()
-
-    def ready(self, timeout: float = 120.0) -> int:
-        """Wait until every live runner has imported what jobs need; returns how many are ready."""
-        import ray
-
-        self.warm()
-        with self._lock:
-            runners = [r for r in self._runners.values() if not r.dead]
-        ready = 0
-        for r in runners:
-            try:
-                ray.get(r.handle.ready.remote(), timeout=timeout)
-                ready += 1
-            except Exception:  # noqa: BLE001 - a runner that cannot start is dropped
-                self._drop(r)
-        return ready
 
     def _drop(self, runner: _Runner) -> None:
         with self._lock:
@@ -200,7 +176,7 @@ class WarmPool:
             runner.jobs.append(job_id)
             job.runner = runner.name
             self._jobs[job_id] = job
-            runner.handle.run.remote(job_id, self._spec_uri(job_id), self._result_uri(job_id), job.owner,
+            runner.handle.run.remote(job_id, self._executor.spec_uri(job_id), self._executor.result_uri(job_id), job.owner,
                                      job.is_admin, self.config.bucket)
             self._store_assignment(job_id, runner.name)
             return
@@ -266,7 +242,6 @@ class WarmPool:
             except Exception:  # noqa: BLE001 - the actor died (or was killed)
                 self._drop(runner)
                 status = None
-                runner.dead = True
             if status is not None:
                 if status["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                     self._ended(runner, job_id, failed=status["state"] != "SUCCEEDED")

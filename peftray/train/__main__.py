@@ -44,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_record(uri: str, text: str) -> None:
-    """Write `text` to an s3:// URI (a PUT is atomic) or a path (a temporary file renamed over it)."""
+def write_record(uri: str, text: str, fs=None) -> None:
+    """Write `text` to an s3:// URI (a PUT is atomic; through `fs`, an s3fs filesystem, when given) or a path (a
+    temporary file renamed over it)."""
     if uri.startswith("s3://"):
-        from peftray.endpoints import load_config
+        if fs is None:
+            from peftray.endpoints import load_config
 
-        load_config().s3fs().pipe_file(uri[len("s3://"):], text.encode())
+            fs = load_config().s3fs()
+        fs.pipe_file(uri[len("s3://"):], text.encode())
         return
     import os
     import tempfile

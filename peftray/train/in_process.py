@@ -60,8 +60,8 @@ class InProcessResult:
 
 
 def _upload(folder: Path, dest: str, fs) -> None:
-    """Copy a checkpoint folder to `dest` in storage; the files `checkpoint.FILES` names last but one, so a
-    folder holding all of them was uploaded whole (a reader skips incomplete ones)."""
+    """Copy a checkpoint folder to `dest` in storage, its trainer state last: a stored folder holding every file
+    of `checkpoint.FILES` was uploaded whole (`newest_stored_checkpoint` skips incomplete ones)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     last = {folder / checkpoint.STATE_FILE}
     for path in [p for p in files if p not in last] + [p for p in files if p in last]:
@@ -83,7 +83,7 @@ def _prune(root: str, fs) -> None:
 
 
 @contextlib.contextmanager
-def _newest_stored(root: str, fs, workdir: Path):
+def _newest_stored(root: str, fs):
     """The newest complete checkpoint in the run's storage folder, downloaded into a local folder; or None."""
     from peftray.train.worker import newest_stored_checkpoint
 
@@ -91,14 +91,8 @@ def _newest_stored(root: str, fs, workdir: Path):
     if found is None:
         yield None
         return
-    local = Path(tempfile.mkdtemp(prefix="resume-", dir=workdir))
-    try:
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(found.path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield str(local)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    with found.as_directory() as folder:  # Ray's Checkpoint downloads it and removes the copy afterwards
+        yield folder
 
 
 def fit_in_process(spec: JobSpec, cfg, run_id: str | None, root: str,
@@ -134,7 +128,7 @@ def fit_in_process(spec: JobSpec, cfg, run_id: str | None, root: str,
     failures = 0
     while True:
         ctx = LoopContext(rank=0, world_size=1, device=torch.device("cpu"), report=report,
-                          resume_from=lambda: _newest_stored(root, fs, workdir), log=log, config=cfg,
+                          resume_from=lambda: _newest_stored(root, fs), log=log, config=cfg,
                           workdir=workdir)
         ctx.artifact = logger.artifact
         try:

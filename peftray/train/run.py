@@ -74,7 +74,7 @@ def _absolute_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update=updates) if updates else spec
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, namespace: str | None = None, log_to_driver: bool = True) -> None:
     """Join the cluster from the config (RAY_ADDRESS / the local stack), or start a local one."""
     cfg.apply_env()  # before Ray reads its auth settings: the token path and storage credentials
     import ray
@@ -82,8 +82,8 @@ def connect_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     keep_loopback_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-             include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"), namespace=namespace,
+             log_to_driver=log_to_driver, include_dashboard=False, ignore_reinit_error=True)
 
 
 def preflight(spec: JobSpec, cfg: Config, cluster: bool = True) -> str:

@@ -72,7 +72,6 @@ class RunnerCore:
         self._owner: str | None = None
         self.idle_s = idle_s
         self._last_active = time.monotonic()
-        self.started_at = time.time()
         if capture:  # a runner's whole output is its jobs' logs
             sys.stdout = _JobOutput(sys.stdout, self)
             sys.stderr = _JobOutput(sys.stderr, self)
@@ -155,7 +154,7 @@ class RunnerCore:
     def run(self, job_id: str, spec_uri: str, result_uri: str, owner: str, owner_is_admin: bool,
             bucket: str) -> str:
         """Run one job to its end here; returns its end state. Never raises: the state says how it ended."""
-        from peftray.errors import ConfigError, PeftrayError
+        from peftray.errors import PeftrayError
         from peftray.train.in_process import Cancelled
         from peftray.train.run import run_job
 
@@ -178,13 +177,15 @@ class RunnerCore:
             print(f"peftray: job {job_id} runs in warm runner pid {os.getpid()}", flush=True)
             result = run_job(spec_uri, job_id=job_id, owner=owner, owner_is_admin=owner_is_admin, in_process=True,
                              should_stop=lambda: job_id in self._cancelled)
+            from peftray.train.__main__ import write_record
+
             record = json.dumps(result.to_dict(), default=str)
-            self._storage().pipe_file(result_uri[len("s3://"):], record.encode())  # one PUT: atomic
+            write_record(result_uri, record, self._storage())
             print("PEFTRAY_RESULT " + record, flush=True)
             state = SUCCEEDED
         except Cancelled as exc:
             state, message = STOPPED, str(exc)
-        except (ConfigError, PeftrayError) as exc:
+        except PeftrayError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             message = f"the job failed: {exc}"
         except BaseException as exc:  # noqa: BLE001 - reported as the job's failure; the runner retires
