@@ -2,10 +2,15 @@
 
 train: one LoRA training step on the pipeline's UNet (noisy latents, timesteps and text states fixed by a seed;
   MSE on the noise; AdamW), peftray's LoRA vs HF PEFT's on deep copies of the same UNet, the same LoRA config
-  and the same initial LoRA weights (copied from HF PEFT's), so the losses must agree step for step.
+  and the same initial LoRA weights (copied from HF PEFT's), so the losses must agree step for step. A third
+  arm, `no_adapter`, is the ceiling: the same step on a copy with no adapter at all (backward to the input, so
+  every activation gradient is still computed; no LoRA products, no optimizer). No LoRA implementation's step
+  can be faster than it, so HF PEFT's time over it bounds the speed-up any implementation can show.
 generate: `adapters` requests, each for its own adapter, denoised by peftray's engine in ONE batch (one UNet
   call per step for all of them) vs diffusers' pipeline with the adapters loaded (`load_lora_weights`) and
   `set_adapters` before each request, one request after another; the same seeds, so the images must agree.
+  Its ceiling: the plain UNet (no adapter) called once per request vs once over all their rows, the same rows;
+  what batching itself can save on this machine, which bounds the speed-up of any batched server.
 Every timed call ends in a host copy (the loss as a float, images as numpy), so GPU timings are synchronized.
 """
 
@@ -55,25 +60,33 @@ def run_train(pipe_dir: Path, *, rank: int, batch: int, seed: int, repeats: int,
     sample, t, hidden, noise = (x.to(device) for x in _train_batch(unet, batch, seed))
     losses: dict[str, list[float]] = {"peftray": [], "hf_peft": []}
 
+    bare = copy.deepcopy(unet).requires_grad_(False).to(device)
+    losses["no_adapter"] = []
+
     def stepper(model, name):
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
         def step():
-            pred = model(sample, t, encoder_hidden_states=hidden).sample
+            x = sample if params else sample.detach().requires_grad_(True)  # no adapter: backward to the input
+            pred = model(x, t, encoder_hidden_states=hidden).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             losses[name].append(float(loss.detach()))
         return step
 
-    times = time_interleaved({"peftray": stepper(ours, "peftray"), "hf_peft": stepper(hf, "hf_peft")},
-                             repeats, warmup)
+    times = time_interleaved({"peftray": stepper(ours, "peftray"), "hf_peft": stepper(hf, "hf_peft"),
+                              "no_adapter": stepper(bare, "no_adapter")}, repeats, warmup)
     diff = max(abs(a - b) for a, b in zip(losses["peftray"], losses["hf_peft"]))
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     return {"peftray": {"ms": median_ms(times["peftray"])}, "hf_peft": {"ms": median_ms(times["hf_peft"])},
-            "ratio": paired_ratio(times["hf_peft"], times["peftray"]), "loss_max_abs_diff": diff,
+            "no_adapter": {"ms": median_ms(times["no_adapter"])},
+            "ratio": paired_ratio(times["hf_peft"], times["peftray"]),
+            "ceiling": paired_ratio(times["hf_peft"], times["no_adapter"]), "loss_max_abs_diff": diff,
             "batch": batch, "rank": rank, "trainable_params": trainable}
 
 
@@ -136,9 +149,12 @@ def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: f
                                generator=torch.Generator().manual_seed(p.seed)).images)
         out["diffusers"] = images
 
+    unet_serial, unet_batched = _unet_ceiling(pipe_dir, pipe, len(folders), side, guidance, seed, device)
+
     try:
         with torch.inference_mode():
-            times = time_interleaved({"peftray": peftray_batch, "diffusers": diffusers_serial}, repeats, warmup)
+            times = time_interleaved({"peftray": peftray_batch, "diffusers": diffusers_serial,
+                                      "unet_serial": unet_serial, "unet_batched": unet_batched}, repeats, warmup)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(out["peftray"], out["diffusers"]))
         unet_calls = engine.unet_rows[-steps:]
     finally:
@@ -148,4 +164,32 @@ def run_generate(pipe_dir: Path, folders: list[Path], *, steps: int, guidance: f
             "diffusers": {"ms": median_ms(times["diffusers"]),
                           "images_per_s": n / (median_ms(times["diffusers"]) / 1e3)},
             "ratio": paired_ratio(times["diffusers"], times["peftray"]), "image_max_abs_diff": diff,
-            "requests": n, "steps": steps, "size": f"{side}x{side}", "unet_rows_per_step": unet_calls}
+            "unet_serial": {"ms": median_ms(times["unet_serial"])},
+            "unet_batched": {"ms": median_ms(times["unet_batched"])},
+            "ceiling": paired_ratio(times["unet_serial"], times["unet_batched"]), "requests": n, "steps": steps,
+            "size": f"{side}x{side}", "unet_rows_per_step": unet_calls}
+
+
+def _unet_ceiling(pipe_dir: Path, pipe, requests: int, side: int, guidance: float, seed: int, device: str):
+    """The ceiling arms of `generate`: the plain UNet over the requests' rows, one call per request and one call
+    for all, on the same random latents and text states."""
+    from diffusers import UNet2DConditionModel
+
+    bare = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet").to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 if guidance > 1 else 1  # classifier-free guidance: two UNet rows per image
+    cfg = bare.config
+    latents = torch.randn(rows * requests, cfg.in_channels, side // 8, side // 8, generator=gen).to(device)
+    states = torch.randn(rows * requests, pipe.tokenizer.model_max_length, cfg.cross_attention_dim,
+                         generator=gen).to(device)
+    step_t = torch.tensor(500, device=device)
+
+    def unet_serial():
+        for i in range(requests):
+            part = slice(i * rows, (i + 1) * rows)
+            float(bare(latents[part], step_t, encoder_hidden_states=states[part]).sample.sum())
+
+    def unet_batched():
+        float(bare(latents, step_t, encoder_hidden_states=states).sample.sum())
+
+    return unet_serial, unet_batched

@@ -6,10 +6,12 @@ ratios with its interquartile range:
 
 1. `train`: one LoRA training step on the pipeline's UNet (forward, MSE on the noise, backward, AdamW),
    peftray vs HF PEFT, same UNet, same LoRA config (r, alpha, to_q/to_k/to_v/to_out.0), same initial weights;
-   the loss curves must agree.
+   the loss curves must agree. Beside them, the ceiling: the same step on the UNet with no adapter (backward to
+   the input), which bounds the speed-up any LoRA implementation can show over HF PEFT on this machine.
 2. `generate`: 4 requests for 4 different adapters, denoised by peftray's serving engine in one mixed batch
    (one UNet call per step) vs diffusers with the 4 adapters loaded, `set_adapters` and one pipeline call per
-   request; the same seeds, so the images must agree.
+   request; the same seeds, so the images must agree. Beside them, the ceiling: the plain UNet called over all
+   the requests' rows at once vs once per request (what batching itself saves on this machine).
 
 The pipeline is the tiny Stable Diffusion folder (`peftray make-tiny-model --kind sd`, made in a temporary
 folder; `--image-size 64` gives it 32x32 latents) or any Stable Diffusion pipeline folder (`--pipeline DIR`).
@@ -124,11 +126,17 @@ def render(r: dict) -> str:
         rows.append([f"train step (batch {t['batch']}, r={t['rank']})", f"{t['peftray']['ms']:.1f}",
                      f"HF PEFT {t['hf_peft']['ms']:.1f}", *ratio(t["ratio"]),
                      f"loss diff {t['loss_max_abs_diff']:.1e}"])
+        rows.append(["  ceiling: the same step with no adapter (backward to the input)", f"{t['no_adapter']['ms']:.1f}",
+                     f"HF PEFT {t['hf_peft']['ms']:.1f}", *ratio(t["ceiling"]), "no LoRA step is faster"])
     if "generate" in r:
         g = r["generate"]
         rows.append([f"{g['requests']} requests x {g['requests']} adapters, {g['steps']} steps, {g['size']}",
                      f"{g['peftray']['ms']:.1f}", f"diffusers set_adapters {g['diffusers']['ms']:.1f}",
                      *ratio(g["ratio"]), f"image diff {g['image_max_abs_diff']:.1e}"])
+        rows.append([f"  ceiling: one UNet call over all {g['requests']} requests' rows",
+                     f"{g['unet_batched']['ms']:.1f}",
+                     f"one call per request {g['unet_serial']['ms']:.1f}", *ratio(g["ceiling"]),
+                     "what batching can save"])
     out = table(["measurement", "peftray ms", "baseline ms", "speed-up (median)", "IQR", "agreement"], rows)
     if "generate" in r:
         out += f"\nUNet rows per step in peftray's batch: {r['generate']['unet_rows_per_step']}"

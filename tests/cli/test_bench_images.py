@@ -16,11 +16,13 @@ def test_bench_images_runs_both_sections_and_both_arms_agree(tmp_path, capsys):
                         "--adapters", "2", "--batch", "2", "--threads", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["train"]["loss_max_abs_diff"] < 1e-4 and r["train"]["ratio"]["n"] == 1
+    assert r["train"]["ceiling"]["n"] == 1 and r["train"]["no_adapter"]["ms"] > 0
     g = r["generate"]
     assert g["image_max_abs_diff"] < 1e-3 and g["requests"] == 2
+    assert g["ceiling"]["n"] == 1 and g["unet_batched"]["ms"] > 0
     assert g["unet_rows_per_step"] == [4, 4]  # 2 requests x 2 guided rows, one UNet call per step
     printed = capsys.readouterr().out
-    assert "speed-up (median)" in printed and "diffusers set_adapters" in printed
+    assert "speed-up (median)" in printed and "diffusers set_adapters" in printed and "ceiling" in printed
     assert "images" in bench_cli.available()
 
 
