@@ -179,7 +179,8 @@ def _unet_ceiling(pipe_dir: Path, pipe, requests: int, side: int, guidance: floa
     gen = torch.Generator().manual_seed(seed)
     rows = 2 if guidance > 1 else 1  # classifier-free guidance: two UNet rows per image
     cfg = bare.config
-    latents = torch.randn(rows * requests, cfg.in_channels, side // 8, side // 8, generator=gen).to(device)
+    latent = side // int(pipe.vae_scale_factor)  # the latents the pipeline denoises for `side`-pixel images
+    latents = torch.randn(rows * requests, cfg.in_channels, latent, latent, generator=gen).to(device)
     states = torch.randn(rows * requests, pipe.tokenizer.model_max_length, cfg.cross_attention_dim,
                          generator=gen).to(device)
     step_t = torch.tensor(500, device=device)

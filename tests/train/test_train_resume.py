@@ -47,23 +47,56 @@ def _complete_checkpoint(fs, root: str, step: int) -> bool:
     return all(fs.exists(f"{folder}/{name}") for name in checkpoint.FILES)
 
 
-def _kill_worker_once_stored(client, address: str, ray_id: str, fs, root: str, step: int,
-                             done: threading.Event) -> int:
-    """SIGKILL the job's training worker as soon as the checkpoint of `step` is wholly in storage."""
+def _newest_complete_checkpoint(fs, root: str) -> int:
+    from peftray.train import checkpoint
+
+    fs.invalidate_cache()
+    steps = sorted((checkpoint.step_of(p) for p in fs.ls(root, detail=False)), reverse=True)
+    return next((s for s in steps if s > 0 and _complete_checkpoint(fs, root, s)), -1)
+
+
+def _training_worker(client, address: str, ray_id: str, done: threading.Event):
+    """The job's one live Ray Train worker, once it exists (looked up before the kill is due: listing actors takes
+    seconds on a busy machine, and the kill must land within a few steps of the checkpoint)."""
     from ray.util.state import list_actors
 
+    deadline = time.monotonic() + 600
+    while True:
+        assert not done.is_set(), "the job ended before its worker was found"
+        assert time.monotonic() < deadline, "no training worker appeared"
+        job_id = client.get_job_info(ray_id).job_id
+        workers = [a for a in list_actors(address=address,
+                                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                          detail=True, raise_on_missing_output=False) if a.job_id == job_id and a.pid]
+        assert len(workers) <= 1, workers
+        if workers:
+            return workers[0]
+        time.sleep(0.2)
+
+
+def _kill_worker_once_stored(client, address: str, ray_id: str, fs, root: str, step: int,
+                             done: threading.Event) -> tuple[int, int]:
+    """SIGKILL the job's training worker as soon as the checkpoint of `step` is wholly in storage; returns the pid
+    and the newest checkpoint wholly in storage once it is dead (what the retry must resume from)."""
+    worker = _training_worker(client, address, ray_id, done)
     deadline = time.monotonic() + 600
     while not _complete_checkpoint(fs, root, step):
         assert not done.is_set(), "the job ended before it could be interrupted"
         assert time.monotonic() < deadline, f"no checkpoint of step {step} appeared"
         time.sleep(0.05)
-    job_id = client.get_job_info(ray_id).job_id
-    workers = [a for a in list_actors(address=address,
-                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                      detail=True, raise_on_missing_output=False) if a.job_id == job_id and a.pid]
-    assert len(workers) == 1, workers
-    os.kill(workers[0].pid, signal.SIGKILL)
-    return workers[0].pid
+    os.kill(worker.pid, signal.SIGKILL)
+    while not _dead(worker.pid):  # once the kill has landed nothing uploads any more
+        assert time.monotonic() < deadline, f"worker {worker.pid} outlived SIGKILL"
+        time.sleep(0.01)
+    return worker.pid, _newest_complete_checkpoint(fs, root)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie runs no code; its parent reaps it when it gets to it
 
 
 def test_checkpoint_written_after_the_last_poll_is_resumed_and_progress_printed_once(stack, tiny_model, tmp_path):
@@ -83,7 +116,7 @@ def test_checkpoint_written_after_the_last_poll_is_resumed_and_progress_printed_
     done = threading.Event()
     killer = threading.Thread(target=lambda: kills.append(_kill_worker_once_stored(
         executor.client, stack.ray_address, ray_id, stack.s3fs(), f"{stack.bucket}/{prefix}/{run_name}", 15, done)), daemon=True)
-    kills: list[int] = []
+    kills: list[tuple[int, int]] = []
     killer.start()
     try:
         status = _wait_done(executor.client, ray_id)
@@ -94,9 +127,15 @@ def test_checkpoint_written_after_the_last_poll_is_resumed_and_progress_printed_
     log = executor.logs(ray_id)
     assert status == "SUCCEEDED", log[-3000:]
     result = parse_marked(log, "PEFTRAY_RESULT ")[-1]
+    # The retry resumes from the newest checkpoint wholly in storage when the worker died, whether or not Ray
+    # Train's controller had heard of it (the kill lands within a few steps of step 15's upload; how many, and so
+    # which checkpoint that is, depends on the machine's load).
+    stored = kills[0][1]
+    assert 15 <= stored <= 30, f"newest stored checkpoint at the kill: {stored}"
     resumed = [m.value for m in mlflow_client(stack).get_metric_history(result["run_id"], "resumed_from_step")]
-    assert resumed == [15.0], f"resumed from {resumed}; at most checkpoint_every (5) steps may be lost"
+    assert resumed == [float(stored)], f"resumed from {resumed}; step {stored} was wholly stored at the kill"
     steps = Counter(p["step"] for p in parse_marked(log, PROGRESS) if p.get("job") == name)
     # steps up to the checkpoint ran once, so each printed once; the few after it may have run twice
-    assert {s: steps[s] for s in range(1, 16)} == dict.fromkeys(range(1, 16), 1), f"progress per step: {dict(steps)}"
+    assert {s: steps[s] for s in range(1, stored + 1)} == dict.fromkeys(range(1, stored + 1), 1), \
+        f"progress per step: {dict(steps)}"
     assert set(steps) == set(range(1, 31)), f"progress lines per step: {dict(steps)}"
