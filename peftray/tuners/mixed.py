@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -33,9 +33,6 @@ class MixedBatch:
     names: tuple[str, ...] = ()  # the adapter name of each row, as given
     kernel: Any = None  # see peftray.ops.small_batch_kernel
     grad: bool = True
-    # outputs of LoRA layers computed ahead by a sibling that reads the same input (see
-    # peftray.tuners.lora.shared): {layer: (input, its version, output)}, emptied when the forward ends
-    stash: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 _CURRENT: contextvars.ContextVar[Optional[MixedBatch]] = contextvars.ContextVar("peftray_mixed_batch", default=None)
@@ -77,5 +74,3 @@ def mixed_batch(batch: Optional[MixedBatch]) -> Iterator[None]:
         yield
     finally:
         _CURRENT.reset(token)
-        if batch is not None:
-            batch.stash.clear()

@@ -11,7 +11,6 @@ import torch
 import peftray
 from peftray.ops import cpu_kernel
 from peftray.tuners.lora.layer import Linear
-from peftray.tuners.mixed import build_mixed_batch, mixed_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAMES = ["a", "b", "c"]
@@ -55,8 +54,7 @@ def test_decode_step_kernel_equals_hf_peft_and_the_pytorch_path(llama, monkeypat
         fast = ours(input_ids=ids, adapter_names=rows).logits
         with cpu_kernel.use(False):
             plain = ours(input_ids=ids, adapter_names=rows).logits
-    # one call per group of projections reading the same input: q/k/v, o, gate/up, down
-    assert cpu_kernel.available() and len(calls) == 4 * ours.config.num_hidden_layers
+    assert cpu_kernel.available() and len(calls) == len(TARGETS) * ours.config.num_hidden_layers
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     with ours.disable_adapter(), torch.inference_mode():
@@ -108,87 +106,3 @@ def test_stacks_are_kept_until_a_weight_changes(llama):
             r = q.r[name]
             torch.testing.assert_close(mixed.a[i, :r], q.lora_A[name].weight)
             torch.testing.assert_close(mixed.b[i, :, :r], q.lora_B[name].weight)
-
-
-def _unlinked(layers):
-    """The layers' sibling links, removed (each layer then takes its own kernel call)."""
-    saved = {m: m._siblings for m in layers}
-    for m in layers:
-        m._siblings = ()
-    return saved
-
-
-def test_siblings_reading_one_input_share_a_kernel_call_and_fall_back_when_called_apart(llama):
-    _, ours = _pair(llama)
-    ids, rows = _decode_batch()
-    attn = ours.get_base_model().model.layers[0].self_attn
-    mlp = ours.get_base_model().model.layers[0].mlp
-    assert attn.q_proj._siblings == (attn.q_proj, attn.k_proj, attn.v_proj) and attn.o_proj._siblings == ()
-    assert mlp.gate_proj._siblings == (mlp.gate_proj, mlp.up_proj) and mlp.down_proj._siblings == ()
-    layers = [m for m in ours.modules() if isinstance(m, Linear)]
-    with torch.inference_mode():
-        fast = ours(input_ids=ids, adapter_names=rows).logits
-        saved = _unlinked(layers)
-        alone = ours(input_ids=ids, adapter_names=rows).logits
-        # the same projections called directly: the q/k/v group in any order, and k on another tensor
-        batch = build_mixed_batch(rows, tuple(ours.peft_config), torch.device("cpu"))
-        x, other = torch.randn(2, len(rows), 1, 64, generator=torch.Generator().manual_seed(5))
-        with mixed_batch(batch):
-            want = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.k_proj(other)]
-        for m, sib in saved.items():
-            m._siblings = sib
-        with mixed_batch(batch):
-            got_v = attn.v_proj(x)  # first of its group: computes q and k too
-            assert set(batch.stash) == {attn.q_proj, attn.k_proj}
-            got_k_other = attn.k_proj(other)  # another tensor: its own output, not the stashed one
-            got = [attn.q_proj(x), attn.k_proj(x), got_v, got_k_other]
-        assert not batch.stash  # emptied when the forward ends
-    torch.testing.assert_close(fast, alone, atol=0, rtol=0)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-    assert (want[1] - want[3]).abs().max() > 1e-3
-
-
-def _copy_random(ours, ref):
-    ref_params = dict(ref.named_parameters()) if ref is not None else {}
-    with torch.no_grad():
-        torch.manual_seed(1)
-        for n, p in ours.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "magnitude" in n else 0.0))
-                if n in ref_params:
-                    ref_params[n].copy_(p)
-
-
-def test_an_adapter_on_part_of_a_group_and_a_dora_adapter_beside_it(llama, monkeypatch):
-    qv = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    ref = peft.get_peft_model(llama(), peft.LoraConfig(**qv), adapter_name="qv").eval()
-    ours = peftray.get_peft_model(llama(), peftray.LoraConfig(**qv), adapter_name="qv").eval()
-    _copy_random(ours, ref)
-    attn = ours.get_base_model().model.layers[0].self_attn
-    assert attn.q_proj._siblings == (attn.q_proj, attn.v_proj)  # k_proj is no LoRA layer here
-    ids = torch.randint(0, 100, (5, 1), generator=torch.Generator().manual_seed(2))
-    calls = []
-    real_run = cpu_kernel.run
-    monkeypatch.setattr(cpu_kernel, "run", lambda *a: calls.append(len(a[2]) // cpu_kernel.ENTRY) or real_run(*a))
-    with torch.inference_mode():
-        want = ref(input_ids=ids, adapter_names=["qv", "__base__", "qv", "qv", "__base__"]).logits
-        got = ours(input_ids=ids, adapter_names=["qv", "__base__", "qv", "qv", "__base__"]).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert calls == [2] * ours.config.num_hidden_layers  # q and v in one call per layer
-    # A DoRA adapter on q and k: its term depends on the base output, so those layers take their own path.
-    ours.add_adapter("dora", peftray.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"],
-                                                use_dora=True, init_lora_weights=False))
-    _copy_random(ours, None)
-    ours.eval()
-    rows = ["qv", "dora", "__base__", "dora", "qv"]
-    with torch.inference_mode():
-        got = ours(input_ids=ids, adapter_names=rows).logits
-        for i, name in enumerate(rows):  # HF PEFT refuses DoRA in mixed batches: each row alone is the reference
-            if name == "__base__":
-                with ours.disable_adapter():
-                    alone = ours(input_ids=ids[i:i + 1]).logits
-            else:
-                ours.set_adapter(name)
-                alone = ours(input_ids=ids[i:i + 1]).logits
-            torch.testing.assert_close(got[i:i + 1], alone, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,6 @@ from torch import nn
 from peftray.errors import ConfigError
 from peftray.ops.precision import autocast_dtype, autocast_off
 from peftray.tuners.layers import AdapterLayer, base_weight, in_out_features
-from peftray.tuners.lora import shared
 from peftray.tuners.lora.function import lora_linear
 from peftray.tuners.lora.stack import AdapterStack, stacked
 from peftray.tuners.mixed import MixedBatch, current_mixed_batch
@@ -49,7 +48,6 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self._stack: Optional[AdapterStack] = None  # see peftray.tuners.lora.stack
-        self._siblings: tuple = ()  # layers reading the same input (see peftray.tuners.lora.shared)
 
     def update_layer(self, name: str, r: int, alpha: float, config: Any, init_weights: bool = True) -> None:
         """Add adapter `name` with rank `r`; `init_weights=False` skips initialisation (weights loaded next)."""
@@ -195,10 +193,6 @@ class Linear(LoraLayer):
     def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         if x.shape[0] != mixed.plan.batch_size:
             raise ValueError(f"adapter_names has {mixed.plan.batch_size} entries but the batch has {x.shape[0]} rows")
-        if self._siblings and mixed.kernel is not None:
-            out = shared.take(self, x, mixed)
-            if out is not None:
-                return out
         result = self.base_layer(x)
         if mixed.kernel is None or not self._kernel_add_(result, x, mixed):
             result = self._lora_delta_add(result, x, mixed)

@@ -11,7 +11,6 @@ from torch import nn
 
 from peftray.errors import AdapterFormatError, ConfigError
 from peftray.tuners.lora.layer import Embedding, Linear, LoraLayer
-from peftray.tuners.lora.shared import link_shared_inputs
 from peftray.tuners.tuner import BaseTuner
 
 # PEFT's defaults when target_modules is not given (same values as HF PEFT for these model types).
@@ -43,10 +42,6 @@ class LoraModel(BaseTuner):
     """The LoRA tuner: `model` with LoRA layers in the targeted modules."""
 
     default_targets = DEFAULT_TARGETS
-
-    def inject_adapter(self, adapter_name: str, config: Any, init_weights: bool = True) -> None:
-        super().inject_adapter(adapter_name, config, init_weights)
-        link_shared_inputs(self.model, Linear)
 
     def _create_and_replace(self, config, adapter_name, target, key, init_weights) -> None:
         r = pattern_value(config.rank_pattern, key, config.r)
