@@ -24,7 +24,7 @@ from peftray.ops.loss import causal_lm_loss
 from peftray.tuners import prompt_learning as pl
 from peftray.tuners.config import PeftConfig, PeftType, TaskType
 from peftray.tuners.layers import upcast_adapter_weights
-from peftray.tuners.mixed import build_mixed_batch, mixed_batch
+from peftray.tuners.mixed import build_mixed_batch, fixed_adapter_weights, mixed_batch
 from peftray.tuners.methods import get_method
 from peftray.tuners.tuner import BaseTuner, wrap_modules_to_save
 
@@ -367,7 +367,9 @@ class PeftModel(nn.Module):
         """`transformers` generate on the adapted model; `adapter_names` picks a LoRA adapter per row."""
         if self._is_prompt and not self._prompt_disabled:
             return self._prompt_generate(*args, **kwargs)
-        with self._mixed(adapter_names):
+        # one generate call owns the model: its decode steps check the stacked adapter copies once, not per step
+        with self._mixed(adapter_names), fixed_adapter_weights() if adapter_names is not None else \
+                contextlib.nullcontext():
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_forward(self, *args, **kwargs):  # pragma: no cover - task subclasses implement it

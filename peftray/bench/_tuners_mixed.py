@@ -72,8 +72,11 @@ def _without_kernel(models: MixedModels, ids, names):
 
 def run_cached_decode(models: MixedModels, seed: int, rows: int, prompt_len: int, repeats: int, warmup: int) -> dict:
     """The serving engine's decode step: one new token per row on top of a KV cache of `prompt_len` tokens
-    (the cache is cropped back after each timed step, so every repeat decodes the same position)."""
+    (the cache is cropped back after each timed step, so every repeat decodes the same position). Arms: the plain
+    mixed forward (stacked adapter copies checked on every call), `peftray_engine` (inside one
+    `fixed_adapter_weights` scope, as the engine and `generate` run their steps), the PyTorch path, the base."""
     from peftray.ops import cpu_kernel
+    from peftray.tuners.mixed import fixed_adapter_weights
 
     ids, names = _ids(seed, rows, prompt_len), models.row_names(rows)
     nxt = _ids(seed + 1, rows, 1)
@@ -90,13 +93,19 @@ def run_cached_decode(models: MixedModels, seed: int, rows: int, prompt_len: int
             with cpu_kernel.use(False):
                 step(models.ours, caches["ours"], adapter_names=names)
 
+        scope = object()  # as the engine runs its steps: adapter weights change only through add/delete
+
+        def ours_engine():
+            with fixed_adapter_weights(scope):
+                step(models.ours, caches["ours"], adapter_names=names)
+
         fns = {"base": lambda: step(models.base, caches["base"]),
                "peftray_mixed": lambda: step(models.ours, caches["ours"], adapter_names=names),
-               "peftray_mixed_pytorch": ours_pytorch}
+               "peftray_engine": ours_engine, "peftray_mixed_pytorch": ours_pytorch}
         times = time_interleaved(fns, repeats, warmup)
     out = {name: {"ms": median_ms(t), "tokens_per_s": rows / (median_ms(t) / 1000)} for name, t in times.items()}
     out["ratios"] = {f"{arm}/base": paired_ratio(times[arm], times["base"])
-                     for arm in ("peftray_mixed", "peftray_mixed_pytorch")}
+                     for arm in ("peftray_mixed", "peftray_engine", "peftray_mixed_pytorch")}
     return out
 
 

@@ -25,6 +25,7 @@ from peftray.serve.sampling import penalize, token_logprobs
 from peftray.serve.slots import (
     AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_text_adapter, prompt_tensors,
 )
+from peftray.tuners.mixed import fixed_adapter_weights
 
 BASE = "__base__"
 
@@ -108,6 +109,9 @@ class GenerationEngine(EngineQueue, LoraHost):
         self.grammars = GrammarCompiler(tokenizer, int(model.config.vocab_size))
         self._dormant: Optional[str] = None  # last LoRA evicted but kept: a PeftModel needs one adapter
         self._model_lock = threading.RLock()
+        # adapter weights change only through add_lora/remove_lora (which replace this): each step checks the
+        # stacked adapter copies once per scope instead of reading every weight's version (peftray.tuners.lora.stack)
+        self._weights_scope = object()
         self._cv = threading.Condition()
         self._pending: list[_Row] = []
         self._rows: list[_Row] = []
@@ -238,8 +242,9 @@ class GenerationEngine(EngineQueue, LoraHost):
         """One model call for `rows`; returns the last position's logits [rows, vocab]."""
         kwargs = dict(attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         if self.peft is not None:
-            out = self.peft(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                            adapter_names=[r.lora_name for r in rows], **kwargs)
+            with fixed_adapter_weights(self._weights_scope):
+                out = self.peft(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                adapter_names=[r.lora_name for r in rows], **kwargs)
         else:
             out = self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         return out.logits[:, -1, :]

@@ -216,9 +216,11 @@ class LoraHost:
             if self._dormant is not None and self._dormant != internal:
                 self.peft.delete_adapter(self._dormant)
                 self._dormant = None
+            self._weights_scope = object()  # see GenerationEngine._forward
 
     def remove_lora(self, internal: str) -> None:
         with self._model_lock:
+            self._weights_scope = object()
             if self.peft is not None and len(self.peft.peft_config) == 1:
                 self._dormant = internal  # deleting the last adapter would leave the PeftModel without one
                 return

@@ -74,3 +74,20 @@ def mixed_batch(batch: Optional[MixedBatch]) -> Iterator[None]:
         yield
     finally:
         _CURRENT.reset(token)
+
+
+_FIXED: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("peftray_fixed_adapter_weights",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def fixed_adapter_weights(scope: Optional[object] = None) -> Iterator[object]:
+    """Within this block (and every later block given the same `scope` object), adapter weights change only by
+    adding, loading or deleting adapters: each layer's stack is checked once per scope, not on every call. A new
+    scope (the default) checks everything again once; replace the scope after changing weights any other way."""
+    scope = object() if scope is None else scope
+    token = _FIXED.set(scope)
+    try:
+        yield scope
+    finally:
+        _FIXED.reset(token)

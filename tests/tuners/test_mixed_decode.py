@@ -106,3 +106,60 @@ def test_stacks_are_kept_until_a_weight_changes(llama):
             r = q.r[name]
             torch.testing.assert_close(mixed.a[i, :r], q.lora_A[name].weight)
             torch.testing.assert_close(mixed.b[i, :, :r], q.lora_B[name].weight)
+
+
+def test_inside_a_fixed_weights_scope_each_stack_is_checked_once(llama, monkeypatch):
+    from peftray.tuners.lora import stack
+    from peftray.tuners.mixed import fixed_adapter_weights
+
+    ref, ours = _pair(llama)
+    ids, rows = _decode_batch()
+    reads = []
+    monkeypatch.setattr(stack, "_VERSION", lambda p: reads.append(1) or p._version)
+    n_layers = sum(isinstance(m, Linear) for m in ours.modules())
+    q = ours.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.inference_mode():
+        ours(input_ids=ids, adapter_names=rows)  # stacks built
+        with fixed_adapter_weights() as scope:
+            reads.clear()
+            for _ in range(3):
+                ours(input_ids=ids, adapter_names=rows)
+            assert len(reads) == n_layers * 2 * len(NAMES)  # once per layer (A and B of 3 adapters), not 3 times
+        reads.clear()
+        with fixed_adapter_weights(scope):  # the same scope again: nothing to re-read
+            ours(input_ids=ids, adapter_names=rows)
+        assert reads == []
+        ours(input_ids=ids, adapter_names=rows)  # outside any scope: every call checks
+        assert len(reads) == n_layers * 2 * len(NAMES)
+        # what a scope promises still covers adding and deleting adapters: those are seen inside the same scope
+        with fixed_adapter_weights(scope):
+            ours.delete_adapter("c")
+            ref.delete_adapter("c")
+            rows2 = [r if r != "c" else "a" for r in rows]
+            got = ours(input_ids=ids, adapter_names=rows2).logits
+            torch.testing.assert_close(got, ref(input_ids=ids, adapter_names=rows2).logits, atol=1e-5, rtol=1e-5)
+        # a weight changed in place is seen by a new scope (and by calls outside any scope)
+        with torch.no_grad():
+            q.lora_B["a"].weight.mul_(3.0)
+            dict(ref.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_B.a.weight"].mul_(3.0)
+        with fixed_adapter_weights():
+            got = ours(input_ids=ids, adapter_names=rows2).logits
+        torch.testing.assert_close(got, ref(input_ids=ids, adapter_names=rows2).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_adapter_names_checks_the_stacks_once(llama, monkeypatch):
+    from peftray.tuners.lora import stack
+
+    ref, ours = _pair(llama)
+    ids, rows = _decode_batch()
+    with torch.inference_mode():
+        ours(input_ids=ids, adapter_names=rows)  # stacks built
+    reads = []
+    monkeypatch.setattr(stack, "_VERSION", lambda p: reads.append(1) or p._version)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        got = ours.generate(input_ids=ids, adapter_names=rows, **kw)
+        want = ref.generate(input_ids=ids, adapter_names=rows, **kw)
+    assert torch.equal(got, want)
+    n_layers = sum(isinstance(m, Linear) for m in ours.modules())
+    assert len(reads) == n_layers * 2 * len(NAMES)  # 6 decode steps, one check per layer
