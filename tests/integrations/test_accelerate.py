@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import accelerate  # a test-only dependency (the `test` extra): missing, it fails, not skips
 import peft
 import pytest
 import torch
 
 from integration_helpers import adapter_weights, saved_adapter_matches
 
-accelerate = pytest.importorskip("accelerate")
 
 SCRIPT = Path(__file__).with_name("accelerate_ddp_script.py")
 
@@ -29,7 +29,10 @@ def _step(model, optimizer, accelerator, ids):
 
 def test_bf16_loop_state_round_trip_and_adapter_save(lora_model, base_model, tmp_path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # Accelerate's state is a process-wide singleton: a Trainer run earlier in this process (test_trl) set it
+    AcceleratorState._reset_state(reset_partial_state=True)
     ids = torch.tensor([[5, 6, 7, 8, 9, 40], [10, 11, 12, 13, 14, 41]])
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     model = lora_model(init_lora_weights=False)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import peft
-import pytest
 import torch
+import trl  # a test-only dependency (the `test` extra): missing, it fails, not skips
 
 import peftray
 from integration_helpers import TEXTS, adapter_weights, saved_adapter_matches
 
-trl = pytest.importorskip("trl")
 
 
 def _common(out):

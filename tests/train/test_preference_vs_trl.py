@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import trl  # a test-only dependency (the `test` extra): missing, it fails, not skips
 
 from peftray.train import preference
 from peftray.train.objectives import OBJECTIVES, Step
 
-trl = pytest.importorskip("trl")  # a test-only dependency (the `test` extra), like peft
 
 PAIRS = [
     {"prompt_ids": [1, 5, 6, 40], "chosen_ids": [7, 8, 90, 2], "rejected_ids": [9, 2]},
