@@ -42,14 +42,25 @@ def _ids(seed: int, rows: int, tokens: int) -> torch.Tensor:
 
 
 def run_forward(models: MixedModels, seed: int, rows: int, tokens: int, repeats: int, warmup: int) -> dict:
-    """Median forward time of: base alone, each side with one adapter, each side with adapter_names."""
+    """Median forward time of: base alone, each side with one adapter, each side with adapter_names, and peftray's
+    mixed forward inside one `fixed_adapter_weights` scope (`peftray_generate`: as the decode steps of one
+    `generate` call or the serving engine run, the stacked adapter copies checked once, not on every call)."""
+    from peftray.tuners.mixed import fixed_adapter_weights
+
     ids, names = _ids(seed, rows, tokens), models.row_names(rows)
+    scope = object()
+
+    def ours_generate():
+        with fixed_adapter_weights(scope):
+            return models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits
+
     fns = {
         "base": lambda: models.base(input_ids=ids, use_cache=False).logits,
         "hf_peft_1": lambda: models.single(models.hf, ids),
         "peftray_1": lambda: models.single(models.ours, ids),
         "hf_peft_mixed": lambda: models.hf(input_ids=ids, adapter_names=names, use_cache=False).logits,
         "peftray_mixed": lambda: models.ours(input_ids=ids, adapter_names=names, use_cache=False).logits,
+        "peftray_generate": ours_generate,
         "peftray_mixed_pytorch": lambda: _without_kernel(models, ids, names),
     }
     with torch.inference_mode():
@@ -57,7 +68,7 @@ def run_forward(models: MixedModels, seed: int, rows: int, tokens: int, repeats:
     out = {name: {"ms": median_ms(t), "tokens_per_s": rows * tokens / (median_ms(t) / 1000)}
            for name, t in times.items()}
     out["ratios"] = {f"{arm}/base": paired_ratio(times[arm], times["base"])
-                     for arm in ("peftray_mixed", "peftray_mixed_pytorch", "hf_peft_mixed")}
+                     for arm in ("peftray_mixed", "peftray_generate", "peftray_mixed_pytorch", "hf_peft_mixed")}
     out["ratios"]["hf_peft_mixed/peftray_mixed"] = paired_ratio(times["hf_peft_mixed"], times["peftray_mixed"])
     return out
 

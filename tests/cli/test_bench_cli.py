@@ -36,6 +36,13 @@ def test_goals_are_judged_from_measurements():
     assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": True, "logits_max_abs_diff": False}
     goals = {g["goal"]: g["met"] for g in tuners.check_goals({"decode": decode(1.3)})}
     assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": False}
+    scoped = decode(1.3)
+    scoped["ratios"]["peftray_generate/base"] = {"median": 1.2, "p25": 1.1, "p75": 1.3, "n": 3}
+    engine = {"ratios": {"peftray_engine/base": {"median": 1.26, "p25": 1.2, "p75": 1.3, "n": 3}}}
+    goals = {g["goal"]: g["met"] for g in tuners.check_goals({"decode": scoped, "kv_decode": engine})}
+    assert goals == {"decode_speedup_vs_hf": True, "decode_vs_base": False,
+                     "decode_vs_base (inside one generate call)": True,
+                     "decode_vs_base (serving engine step, KV cache)": False}
 
 
 def test_train_vocabs_flag_and_a_goal_per_vocabulary(capsys):
