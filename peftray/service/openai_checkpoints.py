@@ -19,6 +19,7 @@ from peftray.jobspec import JobSpec
 from peftray.registry.finetuned import FT_TAG, adapter_name, checkpoint_name, resolve_fine_tuned
 from peftray.service.openai_objects import checkpoint_object
 from peftray.service.openai_store import FineTuningRecord
+from peftray.train import checkpoint
 
 _PREFIX = "checkpoint_"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -42,14 +43,15 @@ def list_checkpoints(config: Config, ft: FineTuningRecord) -> list[dict[str, Any
     out = []
     for step in steps:
         folder = f"{root}/{_PREFIX}{step:06d}"
-        try:
-            meta = fs.info(f"{folder}/meta.json")
-            metrics = json.loads(fs.cat_file(f"{folder}/meta.json")).get("metrics") or {}
-        except FileNotFoundError:  # not uploaded whole yet
-            continue
         ckpt = checkpoint_name(ft.request["fine_tuned_model"], step)
-        _register_once(config, fs, ft, spec, folder, step, ckpt, metrics)
-        created = meta.get("LastModified")
+        try:
+            # complete only when every file is stored (uploads are not atomic; Ray's has no order)
+            infos = [fs.info(f"{folder}/{file}") for file in checkpoint.FILES]
+            metrics = json.loads(fs.cat_file(f"{folder}/meta.json")).get("metrics") or {}
+            _register_once(config, fs, ft, spec, folder, step, ckpt, metrics)
+        except FileNotFoundError:  # not uploaded whole yet, or pruned by the run (it keeps the newest few) meanwhile
+            continue
+        created = infos[checkpoint.FILES.index("meta.json")].get("LastModified")
         out.append(checkpoint_object(ft.id, step, created.timestamp() if created else ft.created_at, metrics, ckpt))
     return out
 
