@@ -6,7 +6,8 @@ replica and back); `bench_http` times it beside each 8-token request, so (in-pro
 the least the HTTP arm's ratio to the in-process engine can be on this machine, whatever the deployment does.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Serve rebuilds the class routes' signatures, and a string `Request`
+# annotation is then taken for a query parameter (every request 422)
 
 import time
 
