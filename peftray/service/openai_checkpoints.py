@@ -21,8 +21,7 @@ from peftray.service.openai_objects import checkpoint_object
 from peftray.service.openai_store import FineTuningRecord
 from peftray.train import checkpoint
 
-_PREFIX = "checkpoint_"
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_ADAPTER_FILES = tuple(f for f in checkpoint.FILES if f.startswith(f"{checkpoint.ADAPTER_DIR}/"))
 
 
 def list_checkpoints(config: Config, ft: FineTuningRecord) -> list[dict[str, Any]]:
@@ -34,24 +33,25 @@ def list_checkpoints(config: Config, ft: FineTuningRecord) -> list[dict[str, Any
     fs = config.s3fs()
     root = f"{config.bucket}/{prefix}/{name}"
     try:
-        entries = fs.ls(root, detail=False, refresh=True)
+        stored = fs.find(root, detail=True)  # one listing of every file of every checkpoint, never cached
     except FileNotFoundError:
         return []
-    steps = sorted((int(e.rsplit("/", 1)[-1][len(_PREFIX):]) for e in entries
-                    if e.rsplit("/", 1)[-1].startswith(_PREFIX) and e.rsplit("/", 1)[-1][len(_PREFIX):].isdigit()),
-                   reverse=True)
+    folders: dict[int, dict[str, dict]] = {}  # step -> the folder's files (relative path -> info)
+    for path, info in stored.items():
+        folder, _, rel = path[len(root) + 1:].partition("/")
+        if checkpoint.step_of(folder) >= 0 and rel:
+            folders.setdefault(checkpoint.step_of(folder), {})[rel] = info
     out = []
-    for step in steps:
-        folder = f"{root}/{_PREFIX}{step:06d}"
-        ckpt = checkpoint_name(ft.request["fine_tuned_model"], step)
+    for step, files in sorted(folders.items(), reverse=True):
+        if not all(f in files for f in checkpoint.FILES):  # not uploaded whole yet (Ray's upload has no order)
+            continue
+        folder, ckpt = f"{root}/{checkpoint.folder_name(step)}", checkpoint_name(ft.request["fine_tuned_model"], step)
         try:
-            # complete only when every file is stored (uploads are not atomic; Ray's has no order)
-            infos = [fs.info(f"{folder}/{file}") for file in checkpoint.FILES]
             metrics = json.loads(fs.cat_file(f"{folder}/meta.json")).get("metrics") or {}
             _register_once(config, fs, ft, spec, folder, step, ckpt, metrics)
-        except FileNotFoundError:  # not uploaded whole yet, or pruned by the run (it keeps the newest few) meanwhile
+        except FileNotFoundError:  # pruned by the run (it keeps the newest few) since the listing
             continue
-        created = infos[checkpoint.FILES.index("meta.json")].get("LastModified")
+        created = files["meta.json"].get("LastModified")
         out.append(checkpoint_object(ft.id, step, created.timestamp() if created else ft.created_at, metrics, ckpt))
     return out
 
@@ -67,7 +67,7 @@ def _register_once(config: Config, fs, ft: FineTuningRecord, spec: JobSpec, fold
         pass
     with tempfile.TemporaryDirectory() as tmp:
         for file in _ADAPTER_FILES:
-            fs.get_file(f"{folder}/adapter/{file}", str(Path(tmp) / file))
+            fs.get_file(f"{folder}/{file}", str(Path(tmp) / Path(file).name))
         register_adapter(tmp, adapter_name(ft.id, step), base_model=spec.base_model.path,
                          base_revision=spec.base_model.revision, job_name=spec.name,
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},

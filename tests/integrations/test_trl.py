@@ -12,7 +12,6 @@ import peftray
 from integration_helpers import TEXTS, adapter_weights, saved_adapter_matches
 
 
-
 def _common(out):
     return dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
                 use_cpu=True, bf16=True, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)

@@ -52,6 +52,7 @@ def test_only_checkpoints_stored_whole_are_listed_and_registered(stack, tiny_mod
     fs = stack.s3fs()
     prefix, name = run_folder(load_spec(ft.spec), ft.owner)
     root = f"{stack.bucket}/{prefix}/{name}"
+    assert list_checkpoints(stack, ft) == []  # no run folder yet
     _store(fs, f"{root}/checkpoint_000002", tmp_path / "adapter", 2, checkpoint.FILES)
     # step 4 is still uploading: everything but the trainer state (the in-process upload's last file)
     _store(fs, f"{root}/checkpoint_000004", tmp_path / "adapter", 4, checkpoint.FILES[1:])
