@@ -21,10 +21,10 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
 
 
-def _one(http, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
-    """(latency s, TTFT s, completion tokens) of one streamed completion."""
+def _one(http, model: str, i: int, max_tokens: int, extra: Optional[dict] = None) -> tuple[float, float, int]:
+    """(latency s, TTFT s, completion tokens) of one streamed completion (`extra`: more body fields)."""
     body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     start, first, tokens = time.perf_counter(), None, 0
     with http.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -40,17 +40,19 @@ def _one(http, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     return end - start, (first or end) - start, tokens
 
 
-def drive(url: str, api_key: str, models: list[str], requests: int, concurrency: int, max_tokens: int) -> dict:
-    """`requests` streamed completions, `concurrency` at a time, spread over `models`: latency, TTFT, tokens/s."""
+def drive(url: str, api_key: str, models: list[str], requests: int, concurrency: int, max_tokens: int,
+          extra: Optional[dict] = None) -> dict:
+    """`requests` streamed completions, `concurrency` at a time, spread over `models`: latency, TTFT, tokens/s
+    (`extra`: more fields of every request's body)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     with httpx.Client(base_url=url.rstrip("/").removesuffix("/v1"), timeout=300, limits=limits,
                       headers={"Authorization": f"Bearer {api_key}"}) as http:
-        _one(http, models[0], 0, max_tokens)  # warm-up
+        _one(http, models[0], 0, max_tokens, extra)  # warm-up
         start = time.perf_counter()
         with cf.ThreadPoolExecutor(concurrency) as pool:
-            out = list(pool.map(lambda i: _one(http, models[i % len(models)], i, max_tokens), range(requests)))
+            out = list(pool.map(lambda i: _one(http, models[i % len(models)], i, max_tokens, extra), range(requests)))
         wall = time.perf_counter() - start
     lat, ttft, toks = [o[0] for o in out], [o[1] for o in out], sum(o[2] for o in out)
     return {"requests": requests, "concurrency": concurrency, "latency_p50_ms": pct(lat, 0.5),
