@@ -20,7 +20,7 @@ import torch
 from peftray.errors import ConfigError
 from peftray.serve import kv as kvops
 from peftray.serve.engine_queue import EngineQueue
-from peftray.serve.grammar import GrammarCompiler, RowGrammar
+from peftray.serve.grammar import GrammarCompiler, RowGrammar, mask_rows
 from peftray.serve.sampling import penalize, token_logprobs
 from peftray.serve.slots import (
     AdapterSlots, LoadedAdapter, LoraHost, OverloadedError, check_text_adapter, prompt_tensors,
@@ -305,11 +305,13 @@ class GenerationEngine(EngineQueue, LoraHost):
 
     # --- tokens out -------------------------------------------------------------------------------
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        for row, row_logits in zip(rows, logits):
+        constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        masked = dict(zip(constrained, mask_rows([rows[i].grammar for i in constrained], logits[constrained]))) \
+            if constrained else {}  # all constrained rows' grammar masks at once
+        for i, (row, row_logits) in enumerate(zip(rows, logits)):
             p = row.params
-            adjusted = penalize(row_logits, row.out_ids, p.presence_penalty, p.frequency_penalty)
-            if row.grammar is not None:
-                adjusted = row.grammar.mask(adjusted)
+            # the mask's -inf stay -inf under the penalties: masking first equals penalizing first
+            adjusted = penalize(masked.get(i, row_logits), row.out_ids, p.presence_penalty, p.frequency_penalty)
             token = kvops.sample(adjusted, p.temperature, p.top_p, row.generator)
             self.tokens += 1
             if token in self.eos_ids:

@@ -9,9 +9,11 @@ touches that row's logits before sampling.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from peftray.errors import ConfigError
@@ -59,21 +61,10 @@ class GrammarCompiler:
 
 
 class RowGrammar:
-    """One row's matcher: masks its logits before sampling, consumes the sampled token."""
+    """One row's matcher: what it allows next (see `mask_rows`), and the sampled token consumed."""
 
     def __init__(self, matcher, vocab_size: int) -> None:
         self.m, self.vocab_size = matcher, vocab_size
-        self._bits = None
-
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` with every token the grammar forbids next set to -inf (tokens past the tokenizer too)."""
-        import llguidance.torch as lt
-
-        if self._bits is None:
-            self._bits = lt.allocate_token_bitmask(1, self.vocab_size)
-        lt.fill_next_token_bitmask(self.m, self._bits, 0)
-        allowed = _unpack(self._bits[0], logits.shape[-1])
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.m.consume_token(token):
@@ -85,13 +76,38 @@ class RowGrammar:
         return self.m.is_stopped()
 
 
+def mask_rows(grammars: list[RowGrammar], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` [n, vocab] with each row's forbidden tokens set to -inf, row i by `grammars[i]` (a new tensor).
+
+    A decode step masks all its constrained rows at once: each matcher fills its row of one bitmask, then one
+    unpack and one `masked_fill` for the batch (per row, those few small torch ops cost more than the grammar).
+    """
+    import llguidance.torch as lt
+
+    bits = lt.allocate_token_bitmask(len(grammars), grammars[0].vocab_size)
+    for i, g in enumerate(grammars):
+        lt.fill_next_token_bitmask(g.m, bits, i)
+    allowed = _unpack(bits, logits.shape[-1])
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
-    """The 32-bit words of an llguidance bitmask as `n` booleans (bit j of word i = token 32 i + j)."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten()
-    if bits.numel() >= n:
-        return bits[:n]
-    return torch.cat([bits, torch.zeros(n - bits.numel(), dtype=torch.bool)])
+    """The 32-bit words of llguidance bitmasks ([..., words]) as `n` booleans per row ([..., n]; bit j of word i =
+    token 32 i + j; tokens past the words are forbidden).
+
+    One `numpy.unpackbits` over the words' bytes (little-endian: byte k of word i holds tokens 32 i + 8 k ...,
+    least significant bit first), where torch's shift, and, cast and flatten cost ~35 µs a row on this CPU.
+    """
+    if sys.byteorder == "little" and words.device.type == "cpu":
+        packed = words.contiguous().numpy().view(np.uint8)
+        bits = torch.from_numpy(np.unpackbits(packed, axis=-1, bitorder="little")).view(torch.bool)
+    else:
+        shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+        bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+    if bits.shape[-1] >= n:
+        return bits[..., :n]
+    pad = torch.zeros(*bits.shape[:-1], n - bits.shape[-1], dtype=torch.bool, device=bits.device)
+    return torch.cat([bits, pad], dim=-1)
 
 
 def tool_schema(tools: list[dict], choice: Any) -> Optional[dict]:
