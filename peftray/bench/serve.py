@@ -142,7 +142,7 @@ def bench_model(name: str, base_dir: Path, root: Path, args) -> dict:
         lat = _latency(engine, folders, prompts[0], params, args.latency_reps)
         # the cold-latency loads above may have evicted a0: acquire it again (a no-op when still loaded)
         structured = structured_vs_free(engine, tok, engine.slots.acquire("a0", folders[0]), min(args.requests, 16),
-                                        args.max_tokens, 3)
+                                        args.max_tokens, args.structured_reps)
     finally:
         engine.close()
     mixed, single, hf = n_mixed / t_mixed, n_single / t_single, n_hf / t_hf
@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-reps", type=int, default=10)
     p.add_argument("--load-reps", type=int, default=3,
                    help="rounds of the HTTP load, each followed by the same load in-process (median ratio)")
+    p.add_argument("--structured-reps", type=int, default=7,
+                   help="alternated rounds of the JSON-schema and the free batch (median ratio)")
     p.add_argument("--quick", action="store_true", help="tiny model only")
     p.add_argument("--no-http", action="store_true", help="skip the part through Ray Serve on the local stack")
     p.add_argument("--http-only", action="store_true", help="only the part through Ray Serve (tiny model)")
