@@ -46,7 +46,8 @@ async def _stream(model: str, tokens: int, interval_s: float):
     yield "data: [DONE]\n\n"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# as many requests at once as peftray's ingress takes (Serve's default, 5, would queue the load's clients)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
 @serve.ingress(floor_api)
 class FloorIngress:
     @floor_api.post("/v1/completions")

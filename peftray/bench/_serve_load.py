@@ -21,23 +21,26 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
 
 
-def _one(http, model: str, i: int, max_tokens: int, extra: Optional[dict] = None) -> tuple[float, float, int]:
-    """(latency s, TTFT s, completion tokens) of one streamed completion (`extra`: more body fields)."""
+def _one(http, model: str, i: int, max_tokens: int,
+         extra: Optional[dict] = None) -> tuple[float, float, int, int]:
+    """(latency s, TTFT s, completion tokens, chunks with text) of one streamed completion (`extra`: more body
+    fields)."""
     body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
-    start, first, tokens = time.perf_counter(), None, 0
+    start, first, tokens, chunks = time.perf_counter(), None, 0, 0
     with http.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             obj = json.loads(line[6:])
-            if first is None and obj.get("choices") and obj["choices"][0].get("text"):
-                first = time.perf_counter()
+            if obj.get("choices") and obj["choices"][0].get("text"):
+                chunks += 1
+                first = first or time.perf_counter()
             if obj.get("usage"):
                 tokens = int(obj["usage"]["completion_tokens"])
     end = time.perf_counter()
-    return end - start, (first or end) - start, tokens
+    return end - start, (first or end) - start, tokens, chunks
 
 
 def drive(url: str, api_key: str, models: list[str], requests: int, concurrency: int, max_tokens: int,
@@ -57,7 +60,8 @@ def drive(url: str, api_key: str, models: list[str], requests: int, concurrency:
     lat, ttft, toks = [o[0] for o in out], [o[1] for o in out], sum(o[2] for o in out)
     return {"requests": requests, "concurrency": concurrency, "latency_p50_ms": pct(lat, 0.5),
             "latency_p99_ms": pct(lat, 0.99), "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
-            "tokens_per_s": toks / wall, "completion_tokens": toks}
+            "tokens_per_s": toks / wall, "completion_tokens": toks,
+            "text_chunks_per_s": sum(o[3] for o in out) / wall, "text_chunks": sum(o[3] for o in out)}
 
 
 def refusals(url: str, api_key: str, model: str, n: int, max_tokens: int = 16) -> dict:

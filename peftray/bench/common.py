@@ -26,6 +26,12 @@ def local_stack(prefix: str = "peftray-bench-", ray_num_cpus: int = 2) -> Iterat
         yield cfg
     finally:
         if tmp:
+            import ray
+
+            # leave the temporary cluster before it stops: a driver still connected when its head goes away is
+            # ended by Ray itself after 60 s without the GCS, and a busy machine's `stack down` can take that long
+            if ray.is_initialized():
+                ray.shutdown()
             stack.down(tmp)
 
 

@@ -230,7 +230,7 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
                 mixed = [f"{n}/1" for n in names[:args.adapters]]
                 drive(dep.url, dep.api_key, mixed, args.adapters, args.adapters, args.max_tokens)  # every adapter
                 local_engine.run(args.requests, args.max_tokens, warm_up=True)
-                rounds, floor_rounds = [], []
+                rounds, floor_rounds, floor_chunks = [], [], []
                 floor_base = f"http://127.0.0.1:{dep.port}/{floor_name}"
                 for _ in range(args.load_reps):
                     got = drive(dep.url, dep.api_key, mixed, args.requests, args.requests, args.max_tokens)
@@ -239,8 +239,10 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
                     # the floor streams each request's tokens at the pace the in-process engine just gave each
                     # of the `requests` concurrent rows
                     pace = {"floor_interval_s": args.requests / local_tok_s}
-                    floor_rounds.append(drive(floor_base, dep.api_key, ["floor"], args.requests, args.requests,
-                                              args.max_tokens, pace)["tokens_per_s"] / local_tok_s)
+                    streamed = drive(floor_base, dep.api_key, ["floor"], args.requests, args.requests,
+                                     args.max_tokens, pace)
+                    floor_rounds.append(streamed["tokens_per_s"] / local_tok_s)
+                    floor_chunks.append(streamed["text_chunks_per_s"])
                 over = refusals(dep.url, dep.api_key, mixed[0], 10 * args.requests)
             finally:
                 _serve_floor.stop(floor_name)
@@ -271,6 +273,7 @@ def bench_http(base_dir: Path, root: Path, args) -> dict:
             "http_load_over_in_process_spread": f"{ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} rounds",
             "floor_load_over_in_process": statistics.median(floor_rounds),
             "floor_load_over_in_process_spread": f"{min(floor_rounds):.2f}-{max(floor_rounds):.2f}",
+            "floor_load_text_chunks_per_s": statistics.median(floor_chunks),
             **{f"overload_{k}": v for k, v in over.items()}}
 
 
