@@ -23,13 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from peftray.serve import openai_shape as shape
+
 floor_api = FastAPI()
-
-
-def _chunk(model: str, text: str, created: int) -> str:
-    obj = {"id": "cmpl-floor", "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 async def _stream(model: str, tokens: int, interval_s: float):
@@ -38,7 +34,7 @@ async def _stream(model: str, tokens: int, interval_s: float):
         wait = start + i * interval_s - time.perf_counter()  # a fixed pace: a late chunk does not delay the next
         if wait > 0:
             await asyncio.sleep(wait)
-        yield _chunk(model, " x", created)
+        yield shape.chunk("cmpl-floor", model, False, 0, {}, text=" x")  # the route's own chunk
     usage = {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
     last = {"id": "cmpl-floor", "object": "text_completion", "created": created, "model": model, "choices": [],
             "usage": usage}

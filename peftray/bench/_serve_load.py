@@ -57,11 +57,11 @@ def drive(url: str, api_key: str, models: list[str], requests: int, concurrency:
         with cf.ThreadPoolExecutor(concurrency) as pool:
             out = list(pool.map(lambda i: _one(http, models[i % len(models)], i, max_tokens, extra), range(requests)))
         wall = time.perf_counter() - start
-    lat, ttft, toks = [o[0] for o in out], [o[1] for o in out], sum(o[2] for o in out)
+    lat, ttft, toks, chunks = [o[0] for o in out], [o[1] for o in out], sum(o[2] for o in out), sum(o[3] for o in out)
     return {"requests": requests, "concurrency": concurrency, "latency_p50_ms": pct(lat, 0.5),
             "latency_p99_ms": pct(lat, 0.99), "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
             "tokens_per_s": toks / wall, "completion_tokens": toks,
-            "text_chunks_per_s": sum(o[3] for o in out) / wall, "text_chunks": sum(o[3] for o in out)}
+            "text_chunks_per_s": chunks / wall, "text_chunks": chunks}
 
 
 def refusals(url: str, api_key: str, model: str, n: int, max_tokens: int = 16) -> dict:
