@@ -16,7 +16,6 @@ back):
 # annotation is then taken for a query parameter (every request 422)
 
 import asyncio
-import json
 import time
 
 from fastapi import FastAPI, Request
@@ -29,16 +28,14 @@ floor_api = FastAPI()
 
 
 async def _stream(model: str, tokens: int, interval_s: float):
-    created, start = int(time.time()), time.perf_counter()
+    start = time.perf_counter()
     for i in range(tokens):
         wait = start + i * interval_s - time.perf_counter()  # a fixed pace: a late chunk does not delay the next
         if wait > 0:
             await asyncio.sleep(wait)
         yield shape.chunk("cmpl-floor", model, False, 0, {}, text=" x")  # the route's own chunk
-    usage = {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
-    last = {"id": "cmpl-floor", "object": "text_completion", "created": created, "model": model, "choices": [],
-            "usage": usage}
-    yield f"data: {json.dumps(last)}\n\n"
+    done = shape.Choice(0, 0, last={"prompt_tokens": 0, "completion_tokens": tokens})
+    yield shape.usage_chunk("cmpl-floor", model, False, [done])
     yield "data: [DONE]\n\n"
 
 
