@@ -8,9 +8,12 @@
  * many adapters the kernel is bound by memory bandwidth, and streams the hardware prefetcher follows are the
  * fastest way through it (prefetching ahead in software, or reading several rows of A at once, measured slower).
  * Rows are taken two at a time with two accumulators each (four independent FMA chains), which is what the
- * compute-bound case, many rows on one adapter, needs.
+ * compute-bound case, many rows on one adapter, needs. The B products add four rows of B per pass over an output
+ * row, so each output value is loaded and stored once per four rank positions, not once per position.
  *
- * Vector code uses GCC/Clang vector types (16 floats: one AVX-512 register, two or four elsewhere). Threads come
+ * Vector code uses GCC/Clang vector types as wide as the target's registers: 16 floats with AVX-512, else 8 (one
+ * AVX register, two SSE ones). A 16-float type on an AVX2-only CPU is split by the compiler into poor code (the
+ * kernel ran at half speed on an AVX2 EPYC, measured 2026-12-03). Threads come
  * from the OpenMP runtime torch already loaded (same soname), so torch.set_num_threads applies here too. Built
  * and loaded by peftray/ops/cpu_kernel.py.
  */
@@ -19,7 +22,11 @@
 #define MAX_RANK 256 /* keep in step with cpu_kernel.MAX_RANK */
 #define MAX_SEG 8    /* keep in step with plan.KERNEL_SEGMENT */
 #define ENTRY 7      /* int64 values per projection in `table`; keep in step with cpu_kernel.ENTRY */
+#ifdef __AVX512F__
 #define V 16
+#else
+#define V 8
+#endif
 
 typedef float vf __attribute__((vector_size(V * sizeof(float)), aligned(4), may_alias));
 
@@ -71,27 +78,25 @@ static void a_rows(const float *const *xr, int64_t m, const float *A, int64_t r,
     }
 }
 
-/* o_t += sum_j h[t][j] * BT[j] for the m rows of a segment. */
+/* o_t += sum_j h[t][j] * BT[j] for the m rows of a segment, four rows of BT per pass over each o_t. */
 static void b_rows(float *const *o, int64_t m, const float *BT, int64_t r, int64_t n_out, float (*h)[MAX_RANK]) {
-    for (int64_t j = 0; j < r; j++) {
-        const float *bj = BT + j * n_out;
-        int64_t t = 0;
-        for (; t + 2 <= m; t += 2) {
-            const float g0 = h[t][j], g1 = h[t + 1][j];
-            const vf v0 = (vf){0} + g0, v1 = (vf){0} + g1;
-            float *o0 = o[t], *o1 = o[t + 1];
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) {
+        const float *b0 = BT + j * n_out, *b1 = b0 + n_out, *b2 = b1 + n_out, *b3 = b2 + n_out;
+        for (int64_t t = 0; t < m; t++) {
+            const float g0 = h[t][j], g1 = h[t][j + 1], g2 = h[t][j + 2], g3 = h[t][j + 3];
+            const vf v0 = (vf){0} + g0, v1 = (vf){0} + g1, v2 = (vf){0} + g2, v3 = (vf){0} + g3;
+            float *ot = o[t];
             int64_t k = 0;
-            for (; k + V <= n_out; k += V) {
-                const vf b = load(bj + k);
-                store(o0 + k, load(o0 + k) + v0 * b);
-                store(o1 + k, load(o1 + k) + v1 * b);
-            }
-            for (; k < n_out; k++) {
-                o0[k] += g0 * bj[k];
-                o1[k] += g1 * bj[k];
-            }
+            for (; k + V <= n_out; k += V)
+                store(ot + k, load(ot + k) + v0 * load(b0 + k) + v1 * load(b1 + k) + v2 * load(b2 + k)
+                                  + v3 * load(b3 + k));
+            for (; k < n_out; k++) ot[k] += g0 * b0[k] + g1 * b1[k] + g2 * b2[k] + g3 * b3[k];
         }
-        for (; t < m; t++) {
+    }
+    for (; j < r; j++) {
+        const float *bj = BT + j * n_out;
+        for (int64_t t = 0; t < m; t++) {
             const float g0 = h[t][j];
             const vf v0 = (vf){0} + g0;
             float *o0 = o[t];

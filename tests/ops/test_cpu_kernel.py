@@ -109,11 +109,12 @@ def test_layer_entry_adds_in_place_or_declines():
 
 
 def test_one_call_serves_projections_that_share_an_input():
-    # q/k/v-like: one x, three stacks of different widths and ranks, three outputs; each equals float64 math
+    # q/k/v-like: one x, four stacks of different widths and ranks, four outputs; each equals float64 math. The
+    # widths and ranks leave remainders for every vector width (8, 16) and for the B products' four-row passes.
     x = torch.randn(len(SLOTS), 40, generator=torch.Generator().manual_seed(8))
     plan = RowPlan.from_indices(SLOTS)
     table, outs, wants = [], [], []
-    for seed, (n_out, ranks) in enumerate([(72, RANKS), (24, [4, 4, 4, 4]), (24, [1, 2, 3, 5])]):
+    for seed, (n_out, ranks) in enumerate([(72, RANKS), (24, [4, 4, 4, 4]), (24, [1, 2, 3, 5]), (27, [7, 6, 1, 3])]):
         adapters = make_adapters(ranks, 40, n_out, seed=seed)
         a, b, scaling = stack_lora_weights(adapters)
         bt = b.transpose(1, 2)
