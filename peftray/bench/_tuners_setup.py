@@ -7,6 +7,7 @@ the `test` extra (`pip install -e '.[test]'` in the checkout). Nothing else in p
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from typing import Callable
@@ -94,16 +95,25 @@ CLOCK = {"now": time.perf_counter}  # set by `--clock`; cpu = process CPU time, 
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, run round-robin so that machine noise hits every variant alike."""
+    """Seconds per call of each fn, run round-robin so that machine noise hits every variant alike. Each round
+    runs the variants in a new order (shuffled, seeded: the same every run), never one variant twice in a row, so
+    that every variant follows each of the others about equally often: what a call leaves behind (a cold cache,
+    freed memory) weighs on the next one, and a fixed order hands the same variant's leftovers to the same next
+    variant every time."""
     clock = CLOCK["now"]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    rng, order = random.Random(len(fns)), list(fns)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        last = order[-1]
+        rng.shuffle(order)
+        if len(order) > 1 and order[0] == last:
+            order.append(order.pop(0))
+        for name in order:
             start = clock()
-            fn()
+            fns[name]()
             times[name].append(clock() - start)
     return times
 
