@@ -51,7 +51,9 @@ class ServiceClient:
     # ---- plumbing -------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One API call. A read, or a write that carries an Idempotency-Key, is sent again (up to
-        SAFE_RETRIES times) when it timed out (a busy service): the service answers a repeat as the first."""
+        SAFE_RETRIES times) when it timed out or its connection was dropped mid-request (a busy service; a kept-alive
+        connection the server closed as it was reused): the service answers a repeat as the first. A refused
+        connection is not retried: nothing is listening."""
         headers = kwargs.get("headers") or {}
         safe = method == "GET" or "Idempotency-Key" in headers
         for attempt in range(self.SAFE_RETRIES + 1 if safe else 1):
@@ -59,7 +61,8 @@ class ServiceClient:
                 resp = self.http.request(method, path, **kwargs)
                 break
             except httpx.TransportError as exc:
-                again = isinstance(exc, httpx.TimeoutException) and safe
+                again = safe and isinstance(exc, (httpx.TimeoutException, httpx.ReadError, httpx.WriteError,
+                                                  httpx.RemoteProtocolError))
                 if not again or attempt == self.SAFE_RETRIES:
                     raise PeftrayError(f"cannot reach the control plane at {self.url}: {exc}. Is it running "
                                        "(`peftray service status`)?") from None
