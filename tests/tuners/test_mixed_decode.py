@@ -114,7 +114,7 @@ def test_in_place_changes_by_any_route_are_seen_without_a_restack(llama):
     _, first = _step(ours, ids, rows)
     torch.nn.Linear(4, 4)  # modules registered elsewhere (model code does it every forward) change nothing
     q = ours.get_base_model().model.layers[0].self_attn.q_proj
-    ref_params = dict(ref.named_parameters())
+    ref_params, ours_params = dict(ref.named_parameters()), dict(ours.named_parameters())
     prefix = "base_model.model.model.layers.0.self_attn.q_proj."
     changes = [  # (what, the parameter's name in both models): an optimizer step, `.data` routes, a load
         (lambda w: w.mul_(2.0), "lora_B.b.weight"),
@@ -123,8 +123,8 @@ def test_in_place_changes_by_any_route_are_seen_without_a_restack(llama):
     ]
     for change, name in changes:
         with torch.no_grad():
-            change(dict(ours.named_parameters())[prefix + name])
-            ref_params[prefix + name].copy_(dict(ours.named_parameters())[prefix + name])
+            change(ours_params[prefix + name])
+            ref_params[prefix + name].copy_(ours_params[prefix + name])
         got, stacks = _step(ours, ids, rows)
         assert all(x is y for x, y in zip(stacks, first)), name  # no layer restacked: nothing needed copying
         with torch.inference_mode():

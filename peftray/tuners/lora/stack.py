@@ -72,7 +72,7 @@ class AdapterStack:
     bt: torch.Tensor
     entry: Optional[tuple[int, int, int, int, int]]
     key: tuple  # (slot order, dtype, layer generation, _EPOCH) it was last checked under
-    weights: list  # the adapter Parameters it copies, and their versions and addresses then
+    weights: list  # the adapter Parameters it holds (aliased) or copies, and their versions and addresses then
     versions: tuple
     addresses: tuple
     aliased: bool = False  # the weights are views of a and b (see the module docstring): their versions are not read
